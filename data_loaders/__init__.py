@@ -1,0 +1,1 @@
+"""mptrec.data_loaders."""

@@ -1,0 +1,17 @@
+"""``mptrec report``: not built yet (the evaluation issue (#7))."""
+
+from __future__ import annotations
+
+import argparse
+
+from mptrec.launch.cli import not_built
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mptrec report``."""
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments (not built yet)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``mptrec report``."""
+    return not_built("report", "the evaluation issue (#7)")

@@ -1,0 +1,88 @@
+"""Plain-data hyper-parameters of the model architectures (no torch objects).
+
+Loaded from the ``[model]`` table of a run config by ``mptrec.pipeline.config``; turned into
+modules only by the ``build_*`` functions in :mod:`mptrec.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+ModelName = str  # a key of mptrec.models.MODELS
+Variant = Literal["full", "share", "specific", "no_gan"]
+GrlSchedule = Literal["dann", "official", "constant"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters (spec sections 1 and 7).
+
+    Args:
+        name: registered model name (``mptrec``, ``single_task``, ``shared_bottom``, ``mmoe``,
+            ``ple``).
+        expert_hidden: expert MLP sizes; the last one is the representation width H.
+        expert_dropout: dropout after each expert layer (empty: none; Ali-CCP uses (0.1, 0.3)).
+        tower_hidden: tower MLP hidden sizes; the tower ends in one logit.
+        variant: MPT-Rec ablation: ``full``, ``share`` (shared expert only), ``specific`` (no
+            shared path in the fusion), ``no_gan`` (no task classifier loss).
+        gan_weight: lambda, weight of the task-classifier (GAN) loss.
+        aux_weight: beta, weight of the shared-expert auxiliary loss.
+        grl_schedule: ``dann`` (monotone 2/(1+exp(-10p))-1), ``official`` (the authors'
+            saw-tooth, p computed with the batch size in place of steps per epoch), ``constant``.
+        grl_alpha: alpha for the ``constant`` schedule.
+        tau: temperature of the new-task transfer weights (Eq. 11).
+        clustering_interval: epochs between EM task re-assignments (Eq. 5); 0 disables EM.
+        r_emb: L2 weight on embedding tables (see the README for the fused-kernel deviation).
+        r_dnn: L2 weight on expert and tower weight matrices.
+        num_experts: MMoE experts.
+        ple_levels: PLE extraction levels.
+        ple_shared_experts: PLE shared experts per level.
+        ple_specific_experts: PLE task-specific experts per task and level.
+        ple_expert_hidden: PLE expert MLP sizes.
+    """
+
+    name: ModelName = "mptrec"
+    expert_hidden: tuple[int, ...] = (256, 128)
+    expert_dropout: tuple[float, ...] = ()
+    tower_hidden: tuple[int, ...] = (64, 32)
+    variant: Variant = "full"
+    gan_weight: float = 0.1
+    aux_weight: float = 0.9
+    grl_schedule: GrlSchedule = "dann"
+    grl_alpha: float = 1.0
+    tau: float = 150.0
+    clustering_interval: int = 2
+    r_emb: float = 0.0
+    r_dnn: float = 0.0
+    num_experts: int = 3
+    ple_levels: int = 2
+    ple_shared_experts: int = 1
+    ple_specific_experts: int = 1
+    ple_expert_hidden: tuple[int, ...] = (256,)
+
+    def __post_init__(self) -> None:
+        if not self.expert_hidden or any(h <= 0 for h in self.expert_hidden):
+            raise ValueError(f"expert_hidden must be non-empty positive sizes, got {self.expert_hidden}")
+        if self.expert_dropout and len(self.expert_dropout) != len(self.expert_hidden):
+            raise ValueError(
+                f"expert_dropout {self.expert_dropout} must have one entry per expert layer "
+                f"{self.expert_hidden} (or be empty)"
+            )
+        if any(not 0.0 <= p < 1.0 for p in self.expert_dropout):
+            raise ValueError(f"expert_dropout values must be in [0, 1), got {self.expert_dropout}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.clustering_interval < 0:
+            raise ValueError(f"clustering_interval must be >= 0, got {self.clustering_interval}")
+        for key in ("gan_weight", "aux_weight", "r_emb", "r_dnn"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("num_experts", "ple_levels", "ple_shared_experts", "ple_specific_experts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+    @property
+    def hidden_dim(self) -> int:
+        """H, the representation width (last expert size)."""
+        return self.expert_hidden[-1]
