@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mptrec`` console script."""
+    """Entry point of the ``mptrec`` console script.
+
+    Under torchrun (``TORCHELASTIC_ERROR_FILE`` set) the run is wrapped in torchelastic's
+    ``record`` so the failing rank's traceback lands in torchrun's root-cause summary.
+    """
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return int(record(_main)(argv))
+    return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
