@@ -377,16 +377,9 @@ class EvalSetupError(RuntimeError):
 
 
 def _load_run(run_dir: str | os.PathLike[str], checkpoint: str, device: torch.device) -> tuple[Any, Any, Any]:
-    try:
-        from mptrec.pipeline import stages
-    except ImportError as e:
-        raise EvalSetupError(f"mptrec.pipeline.stages cannot be imported ({e}); it must provide "
-                             "load_run_for_eval(run_dir, checkpoint, device)") from e
-    loader = getattr(stages, "load_run_for_eval", None)
-    if loader is None:
-        raise EvalSetupError("mptrec.pipeline.stages has no load_run_for_eval(run_dir, checkpoint, device) "
-                             "-> (model, RunConfig, list[TaskSpec]); the evaluation cannot load a run")
-    return loader(str(run_dir), checkpoint, device)  # type: ignore[no-any-return]
+    from mptrec.pipeline.serving import load_run_for_eval
+
+    return load_run_for_eval(str(run_dir), checkpoint, device)
 
 
 def _relative_to(path: Path, root: Path) -> str:
@@ -413,7 +406,7 @@ def evaluate_run(
     """Load a trained run (stage-1 model plus its prompt-tuned tasks) and :func:`evaluate` it.
 
     The model, resolved config and tasks come from
-    ``mptrec.pipeline.stages.load_run_for_eval(run_dir, checkpoint, device)``. This rank reads
+    ``mptrec.pipeline.serving.load_run_for_eval(run_dir, checkpoint, device)``. This rank reads
     its part of ``split`` (rows split over ranks by the loader, no shuffling). A ``user_field``
     that is not a model input is read too and removed before the model sees the batch.
     Collective when a process group is initialised.

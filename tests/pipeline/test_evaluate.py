@@ -191,11 +191,11 @@ def _eval_worker(rank: int, world_size: int, dump_dir: str, data_dir: str) -> di
         out[case] = {"report": report, "calls": model.calls}
     # evaluate_run over real shards read by the real ShardDataset (row groups split over ranks)
     import mptrec.pipeline
+    import mptrec.pipeline.serving
     from mptrec.pipeline.evaluate import evaluate_run
 
     stages = _shard_stages(Path(data_dir))
-    sys.modules["mptrec.pipeline.stages"] = stages
-    mptrec.pipeline.stages = stages  # type: ignore[attr-defined]
+    mptrec.pipeline.serving.load_run_for_eval = stages.load_run_for_eval  # type: ignore[attr-defined]
     out["shards"] = evaluate_run(dump_dir, device=torch.device("cpu"), user_field="101", progress=False,
                                  dump_predictions=f"{dump_dir}/shards.parquet")
     return out
@@ -326,8 +326,9 @@ def _install_fakes(monkeypatch: pytest.MonkeyPatch, data_dir: Path, forbid_user:
     dataset = types.ModuleType("mptrec.data_loaders.dataset")
     dataset.ShardDataset = ShardDataset  # type: ignore[attr-defined]
     dataset.make_dataloader = lambda ds, num_workers: ds  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "mptrec.pipeline.stages", stages)
-    monkeypatch.setattr(mptrec.pipeline, "stages", stages, raising=False)
+    import mptrec.pipeline.serving
+
+    monkeypatch.setattr(mptrec.pipeline.serving, "load_run_for_eval", load_run_for_eval)
     monkeypatch.setitem(sys.modules, "mptrec.data_loaders.dataset", dataset)
     return seen
 
@@ -357,22 +358,6 @@ def test_mptrec_eval_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, us
     assert report["predictions"] == "pred.parquet"
     assert report["gauc"]["ctr"] is not None and report["cvr_on_clicks"]["n"] > 0
     assert pq.read_table(run_dir / "pred.parquet").num_rows == 103
-
-
-def test_mptrec_eval_says_when_the_run_loader_is_missing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import types
-
-    import mptrec.pipeline
-    from mptrec.launch.cli import main
-
-    _install_fakes(monkeypatch, tmp_path, forbid_user=False)
-    empty = types.ModuleType("mptrec.pipeline.stages")
-    monkeypatch.setitem(sys.modules, "mptrec.pipeline.stages", empty)
-    monkeypatch.setattr(mptrec.pipeline, "stages", empty, raising=False)
-    assert main(["eval", "--run", str(tmp_path), "--device", "cpu"]) == 2
-    assert "has no load_run_for_eval(run_dir, checkpoint, device)" in capsys.readouterr().err
 
 
 # ---- evaluate_run over real shards (the real ShardDataset; only the run loader is faked) ------
@@ -426,14 +411,12 @@ def _check_shard_report(report: dict[str, Any], ref: dict[str, np.ndarray]) -> N
 
 
 def test_eval_command_on_real_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mptrec.pipeline.serving
     from mptrec.launch.cli import main
 
     data_dir = _synth(tmp_path / "data")
-    import mptrec.pipeline
-
     stages = _shard_stages(data_dir)
-    monkeypatch.setitem(sys.modules, "mptrec.pipeline.stages", stages)
-    monkeypatch.setattr(mptrec.pipeline, "stages", stages, raising=False)
+    monkeypatch.setattr(mptrec.pipeline.serving, "load_run_for_eval", stages.load_run_for_eval)
     pred = tmp_path / "pred.parquet"
     assert main(["eval", "--run", str(tmp_path), "--device", "cpu", "--no-progress", "--user-field", "101",
                  "--dump-predictions", str(pred), "--out", str(tmp_path / "e.json")]) == 0
