@@ -40,6 +40,8 @@ class ModelConfig:
         ple_shared_experts: PLE shared experts per level.
         ple_specific_experts: PLE task-specific experts per task and level.
         ple_expert_hidden: PLE expert MLP sizes.
+        ple_expert_dropout: dropout after each PLE expert layer (empty: none; else one entry per
+            ``ple_expert_hidden`` layer).
     """
 
     name: ModelName = "mptrec"
@@ -60,6 +62,7 @@ class ModelConfig:
     ple_shared_experts: int = 1
     ple_specific_experts: int = 1
     ple_expert_hidden: tuple[int, ...] = (256,)
+    ple_expert_dropout: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.expert_hidden or any(h <= 0 for h in self.expert_hidden):
@@ -71,6 +74,21 @@ class ModelConfig:
             )
         if any(not 0.0 <= p < 1.0 for p in self.expert_dropout):
             raise ValueError(f"expert_dropout values must be in [0, 1), got {self.expert_dropout}")
+        if any(h <= 0 for h in self.tower_hidden):
+            raise ValueError(f"tower_hidden must be positive sizes, got {self.tower_hidden}")
+        if not self.ple_expert_hidden or any(h <= 0 for h in self.ple_expert_hidden):
+            raise ValueError(
+                f"ple_expert_hidden must be non-empty positive sizes, got {self.ple_expert_hidden}"
+            )
+        if self.ple_expert_dropout and len(self.ple_expert_dropout) != len(self.ple_expert_hidden):
+            raise ValueError(
+                f"ple_expert_dropout {self.ple_expert_dropout} must have one entry per PLE expert "
+                f"layer {self.ple_expert_hidden} (or be empty)"
+            )
+        if any(not 0.0 <= p < 1.0 for p in self.ple_expert_dropout):
+            raise ValueError(f"ple_expert_dropout values must be in [0, 1), got {self.ple_expert_dropout}")
+        if self.grl_alpha < 0:
+            raise ValueError(f"grl_alpha must be >= 0, got {self.grl_alpha}")
         if self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.clustering_interval < 0:

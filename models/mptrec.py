@@ -1,0 +1,343 @@
+"""MPT-Rec (spec section 3): disentangled experts, task prompts, gates, GAN; new-task prompt tuning.
+
+Notation: B batch size, D_in width of the input vector e, H representation width (last expert
+size), K number of existing tasks. The shared expert and the K specific experts share one shape
+and run as one :class:`~mptrec.models.layers.StackedMLP` (network 0 = shared, 1..K = specific);
+the K towers likewise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mptrec.models.base import ModelOutput, MultiTaskModel, NewTaskHead
+from mptrec.models.config import ModelConfig
+from mptrec.models.layers import StackedMLP, grad_reverse
+
+__all__ = ["MPTREC_METHODS", "MPTRec", "MPTRecNewTaskHead"]
+
+# fx patches the name in the module that calls wrap(): a traced forward_train keeps the GRL
+# as one opaque call instead of tracing into autograd.Function.apply.
+torch.fx.wrap("grad_reverse")
+
+MPTREC_METHODS = ("mptrec", "fw", "tes")
+_VARIANTS = ("full", "share", "specific", "no_gan")
+
+
+class MPTRec(MultiTaskModel):
+    """MPT-Rec stage-1 model (Eq. 1-9) with the ablation variants of spec section 8.
+
+    - ``full``: ``f^k = g^k_1 (h^k * p^k) + g^k_2 h^s``, ``y^k = Tower_k(f^k)``; aux loss on
+      ``Tower_k(h^s)``; task classifier on ``GRL(h^s)``.
+    - ``share``: only the shared expert: ``y^k = Tower_k(h^s)``; no specific experts, gates or
+      task embeddings (they would be unused); classifier and aux loss kept; in ``features()``
+      the specific representations (and the prompts) are zero.
+    - ``specific``: ``y^k = Tower_k(h^k * p^k)``; no gates; shared expert, aux loss and
+      classifier kept (as in the fork); in ``features()`` ``h_shared`` is zero.
+    - ``no_gan``: ``full`` without the classifier and its loss (so no EM labels).
+
+    Args:
+        cfg: ``expert_hidden`` (last = H), ``expert_dropout``, ``tower_hidden``, ``variant``,
+            ``gan_weight`` (lambda), ``aux_weight`` (beta), ``grl_alpha`` (initial alpha),
+            ``tau`` (new heads), ``r_dnn``.
+        ebc: the EmbeddingBagCollection; stored as ``self.ebc``.
+        sparse_features: EBC feature names in declared order (Eq. 1 order).
+        dense_dim: number of dense columns (first in e).
+        task_names: the K tasks.
+        task_weights: task -> BCE weight (default 1).
+
+    Shapes:
+        ``forward(dense (B, D_dense), kjt)`` -> task -> (B,) logits.
+        ``features`` -> ``e`` (B, D_in), ``h_shared`` (B, H), ``h_specific`` (B, K, H),
+        ``prompts`` (K, H).
+
+    Example:
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+        >>> ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        ...     name="t_a", embedding_dim=4, num_embeddings=10, feature_names=["a"])])
+        >>> cfg = ModelConfig(expert_hidden=(16, 8), tower_hidden=(4,))
+        >>> model = MPTRec(cfg, ebc, sparse_features=["a"], dense_dim=2, task_names=["ctr", "cvr"])
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1, 2, 3]), torch.tensor([1, 1, 1]))
+        >>> {t: v.shape for t, v in model(torch.rand(3, 2), kjt).items()}
+        {'ctr': torch.Size([3]), 'cvr': torch.Size([3])}
+        >>> model.new_task_head("t3", "mptrec")(model.features(torch.rand(3, 2), kjt)).shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ebc: EmbeddingBagCollection,
+        *,
+        sparse_features: Sequence[str],
+        dense_dim: int,
+        task_names: Sequence[str],
+        task_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(ebc, sparse_features=sparse_features, dense_dim=dense_dim, task_names=task_names,
+                         task_weights=task_weights, r_dnn=cfg.r_dnn)
+        if cfg.variant not in _VARIANTS:
+            raise ValueError(f"unknown MPT-Rec variant {cfg.variant!r}; expected one of {_VARIANTS}")
+        self.cfg: ModelConfig = cfg
+        self.variant: str = cfg.variant
+        num_tasks, hidden = len(self.task_names), cfg.hidden_dim
+        self.num_tasks: int = num_tasks
+        self.hidden_dim: int = hidden
+        num_nets = 1 if self.variant == "share" else 1 + num_tasks
+        self.experts = StackedMLP(num_nets, self.input_dim, cfg.expert_hidden, last_activation=True,
+                                  dropout=cfg.expert_dropout)
+        self.towers = StackedMLP(num_tasks, hidden, (*cfg.tower_hidden, 1), last_activation=False)
+        self.task_embedding: nn.Embedding | None = (
+            None if self.variant == "share" else nn.Embedding(num_tasks, hidden)  # N(0, 1) init
+        )
+        self.gates: nn.Linear | None = None
+        if self.variant in ("full", "no_gan"):
+            self.gates = nn.Linear(self.input_dim, 2 * num_tasks, bias=False)
+        self.classifier: nn.Linear | None = None
+        if self.variant != "no_gan":
+            self.classifier = nn.Linear(hidden, num_tasks)
+            nn.init.xavier_uniform_(self.classifier.weight)
+        self.uses_em = self.classifier is not None
+        self.grl_alpha: float = cfg.grl_alpha
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def _experts(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2: h^s (B, H) and the specific h^k stacked as (K, B, H) (K rows empty for share)."""
+        h = self.experts.forward_shared(e)
+        return h[0], h[1:]
+
+    def _prompts(self, h_shared: torch.Tensor) -> torch.Tensor:
+        if self.task_embedding is None:
+            return h_shared.new_zeros((self.num_tasks, self.hidden_dim))
+        return self.task_embedding.weight
+
+    def _fused_logits(
+        self, e: torch.Tensor, h_shared: torch.Tensor, h_spec: torch.Tensor, prompts: torch.Tensor
+    ) -> torch.Tensor:
+        """Eq. 6-8 (per variant): (K, B) logits from e, h^s (B, H), h^k (K, B, H), p (K, H)."""
+        if self.variant == "share":
+            return self.towers.forward_shared(h_shared).squeeze(-1)
+        tilde = h_spec * prompts.unsqueeze(1)  # Eq. 6
+        if self.variant == "specific" or self.gates is None:
+            return self.towers(tilde).squeeze(-1)
+        g = torch.softmax(self.gates(e).view(-1, self.num_tasks, 2), dim=-1).transpose(0, 1)  # Eq. 7
+        fused = g[..., 0:1] * tilde + g[..., 1:2] * h_shared.unsqueeze(0)  # Eq. 8
+        return self.towers(fused).squeeze(-1)
+
+    def _as_dict(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {t: logits[i] for i, t in enumerate(self.task_names)}
+
+    # ---- contract ----------------------------------------------------------------------------
+
+    def features(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        """Backbone intermediates for new-task heads (variant zeroing applied).
+
+        Args:
+            dense: (B, D_dense).
+            kjt: sparse ids.
+
+        Returns:
+            ``e`` (B, D_in), ``h_shared`` (B, H), ``h_specific`` (B, K, H), ``prompts`` (K, H).
+        """
+        e = self.embed(dense, kjt)
+        h_shared, h_spec = self._experts(e)
+        if self.variant == "share":
+            h_specific = torch.zeros_like(h_shared).unsqueeze(1).expand(-1, self.num_tasks, -1)
+        else:
+            h_specific = h_spec.transpose(0, 1)
+        if self.variant == "specific":
+            h_shared = torch.zeros_like(h_shared)
+        return {"e": e, "h_shared": h_shared, "h_specific": h_specific, "prompts": self._prompts(h_shared)}
+
+    def logits_from_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Old tasks' fused logits from :meth:`features` (what ``forward`` returns).
+
+        Args:
+            feats: from :meth:`features`.
+
+        Returns:
+            task -> (B,) logits.
+        """
+        h_spec = feats["h_specific"].transpose(0, 1)
+        return self._as_dict(self._fused_logits(feats["e"], feats["h_shared"], h_spec, feats["prompts"]))
+
+    def forward_train(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> ModelOutput:
+        """Fused logits, shared-path logits ``Tower_k(h^s)`` and classifier log-probs via the GRL.
+
+        Args:
+            dense: (B, D_dense).
+            kjt: sparse ids.
+
+        Returns:
+            :class:`ModelOutput` with ``logits``, ``aux_logits`` and ``task_logits`` (B, K) or None.
+        """
+        e = self.embed(dense, kjt)
+        h_shared, h_spec = self._experts(e)
+        aux = self.towers.forward_shared(h_shared).squeeze(-1)
+        if self.variant == "share":
+            logits = aux
+        else:
+            logits = self._fused_logits(e, h_shared, h_spec, self._prompts(h_shared))
+        task_logits = None
+        if self.classifier is not None:  # Eq. 3, through the gradient-reversal layer
+            task_logits = F.log_softmax(self.classifier(grad_reverse(h_shared, self.grl_alpha)), dim=-1)
+        return ModelOutput(
+            logits=self._as_dict(logits), aux_logits=self._as_dict(aux), task_logits=task_logits
+        )
+
+    def _extra_loss(
+        self,
+        out: ModelOutput,
+        labels: Mapping[str, torch.Tensor],
+        task_assign: torch.Tensor | None,
+        parts: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """``beta * sum_k w_k BCE(Tower_k(h^s)) + lambda * NLL(D(GRL(h^s)), t)`` (Eq. 4, 9)."""
+        aux = torch.zeros((), device=next(iter(out.logits.values())).device)
+        for t in self.task_names:
+            y = labels[t].to(out.aux_logits[t].dtype)
+            aux = aux + self.task_weights[t] * F.binary_cross_entropy_with_logits(out.aux_logits[t], y)
+        parts["aux"] = aux
+        total = self.cfg.aux_weight * aux
+        if self.classifier is None:
+            return total
+        if out.task_logits is None:
+            raise ValueError("MPTRec.loss: out.task_logits is None; use forward_train() outputs")
+        if task_assign is None or task_assign.dtype != torch.long or task_assign.dim() != 1:
+            raise ValueError(
+                f"MPTRec.loss (variant {self.variant!r}) needs task_assign, the (B,) int64 EM task labels; "
+                f"got {None if task_assign is None else (task_assign.dtype, tuple(task_assign.shape))}"
+            )
+        gan = F.nll_loss(out.task_logits, task_assign)
+        parts["gan"] = gan
+        return total + self.cfg.gan_weight * gan
+
+    def dense_l2(self) -> torch.Tensor:
+        """Half squared norms of the expert and tower weight matrices (spec Eq. 9's R, dense part)."""
+        return self.experts.weight_l2() + self.towers.weight_l2()
+
+    def set_grl_alpha(self, alpha: float) -> None:
+        """Set alpha of the gradient-reversal layer (see :func:`mptrec.models.layers.grl_alpha`)."""
+        if alpha < 0:
+            raise ValueError(f"grl alpha must be >= 0, got {alpha}")
+        self.grl_alpha = float(alpha)
+
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> MPTRecNewTaskHead:
+        """The stage-2 module for task ``name`` (spec 3.3; ``fw``/``tes`` ablations of Eq. 10-11).
+
+        Args:
+            name: the new task.
+            method: ``mptrec``, ``fw`` or ``tes``.
+            tower_hidden: new tower sizes (empty: the base towers' sizes).
+
+        Returns:
+            A fresh :class:`MPTRecNewTaskHead`.
+        """
+        self._check_new_task(name, method, MPTREC_METHODS)
+        return MPTRecNewTaskHead(
+            name, method, input_dim=self.input_dim, hidden_dim=self.hidden_dim, num_tasks=self.num_tasks,
+            tower_hidden=tuple(tower_hidden) or self.cfg.tower_hidden, tau=self.cfg.tau,
+        )
+
+
+class MPTRecNewTaskHead(NewTaskHead):
+    """New-task prompt module (spec Eq. 10-15) and its FW / TES ablations.
+
+    ``mptrec``: ``z = LN(W2 ReLU(W1 e))`` (no biases), ``w = softmax_k(z . p^k / tau)``;
+    ``fw``: ``w_k = 1/K``; ``tes``: ``w = softmax_k(p^new . p^k / tau)`` (no projection). Then
+    ``h^new = sum_k w_k h^k``, ``f = g_1 (h^new * p^new) + g_2 h^s`` with ``g = softmax(W_g e)``,
+    and the logit is ``Tower_new(f)``.
+
+    Args:
+        task_name: the new task.
+        method: ``mptrec``, ``fw`` or ``tes``.
+        input_dim: D_in.
+        hidden_dim: H.
+        num_tasks: K, the existing tasks.
+        tower_hidden: hidden sizes of the new tower.
+        tau: softmax temperature (Eq. 11).
+
+    Shapes:
+        ``forward(feats)`` with ``e`` (B, D_in), ``h_shared`` (B, H), ``h_specific`` (B, K, H),
+        ``prompts`` (K, H) -> (B,) logits.
+
+    Example:
+        >>> head = MPTRecNewTaskHead("t3", "mptrec", input_dim=123, hidden_dim=128, num_tasks=2,
+        ...                          tower_hidden=(64, 32), tau=150.0)
+        >>> sum(p.numel() for p in head.parameters())
+        27063
+        >>> feats = {"e": torch.rand(4, 123), "h_shared": torch.rand(4, 128),
+        ...          "h_specific": torch.rand(4, 2, 128), "prompts": torch.randn(2, 128)}
+        >>> head(feats).shape
+        torch.Size([4])
+    """
+
+    def __init__(
+        self,
+        task_name: str,
+        method: str,
+        *,
+        input_dim: int,
+        hidden_dim: int,
+        num_tasks: int,
+        tower_hidden: Sequence[int],
+        tau: float,
+    ) -> None:
+        super().__init__(task_name, method)
+        if method not in MPTREC_METHODS:
+            raise ValueError(f"unknown MPT-Rec new-task method {method!r}; expected one of {MPTREC_METHODS}")
+        if tau <= 0 or num_tasks < 1:
+            raise ValueError(f"need tau > 0 and num_tasks >= 1, got {tau}, {num_tasks}")
+        self.tau: float = float(tau)
+        self.num_tasks: int = num_tasks
+        self.prompt = nn.Parameter(torch.randn(hidden_dim))  # p^new, N(0, 1) (Eq. 13)
+        self.projection: nn.Sequential | None = None
+        if method == "mptrec":  # Eq. 10
+            self.projection = nn.Sequential(
+                nn.Linear(input_dim, hidden_dim // 2, bias=False),
+                nn.ReLU(),
+                nn.Linear(hidden_dim // 2, hidden_dim, bias=False),
+                nn.LayerNorm(hidden_dim),
+            )
+        self.gate = nn.Linear(input_dim, 2, bias=False)  # Eq. 14
+        self.tower = StackedMLP(1, hidden_dim, (*tower_hidden, 1), last_activation=False)
+
+    def transfer_weights(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 10-11 (or FW / TES): (B, K) weights over the existing tasks, rows summing to 1."""
+        prompts = feats["prompts"]
+        if self.projection is not None:
+            z = self.projection(feats["e"])
+            return torch.softmax(z @ prompts.t() / self.tau, dim=-1)
+        if self.method == "tes":
+            w = torch.softmax(prompts @ self.prompt / self.tau, dim=0)
+        else:
+            w = torch.full_like(prompts[:, 0], 1.0 / self.num_tasks)
+        return w.unsqueeze(0).expand(feats["e"].size(0), -1)
+
+    def forward(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Eq. 12-14.
+
+        Args:
+            feats: the backbone's :meth:`MPTRec.features`.
+
+        Returns:
+            (B,) logits.
+        """
+        w = self.transfer_weights(feats)
+        h_new = torch.bmm(w.unsqueeze(1), feats["h_specific"]).squeeze(1)  # Eq. 12
+        tilde = h_new * self.prompt  # Eq. 13
+        g = torch.softmax(self.gate(feats["e"]), dim=-1)  # Eq. 14
+        fused = g[:, 0:1] * tilde + g[:, 1:2] * feats["h_shared"]
+        return self.tower.forward_shared(fused)[0].squeeze(-1)
+
+    def l2_penalty(self) -> torch.Tensor:
+        """Eq. 15: sum over the new tower's weight matrices of ``||W||^2 / 2`` (the caller adds r_dnn)."""
+        return self.tower.weight_l2()

@@ -1,0 +1,206 @@
+"""MPT-Rec specifics: GRL on the shared expert, loss terms, variants, new-task weights, EM labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mptrec.models import MPTRec, em_assign
+from tests.models.tiny import TASKS, tiny_batch, tiny_model
+
+torch.set_num_threads(1)
+
+
+def _mptrec(variant: str = "full", seed: int = 0, **overrides: object) -> MPTRec:
+    torch.manual_seed(seed)
+    model = tiny_model("mptrec", variant=variant, **overrides)
+    assert isinstance(model, MPTRec)
+    return model
+
+
+def _grads(model: MPTRec) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in model.named_parameters()}
+
+
+def test_shared_expert_receives_minus_alpha_times_the_classifier_gradient() -> None:
+    model = _mptrec().eval()
+    dense, kjt, _ = tiny_batch(12)
+    assign = torch.randint(0, 2, (12,))
+    model.set_grl_alpha(0.37)
+    F.nll_loss(model.forward_train(dense, kjt).task_logits, assign).backward()  # type: ignore[arg-type]
+    with_grl = _grads(model)
+    model.zero_grad()
+    # the same GAN loss by hand, without the reversal layer
+    h_shared = model.features(dense, kjt)["h_shared"]
+    assert model.classifier is not None
+    F.nll_loss(F.log_softmax(model.classifier(h_shared), dim=-1), assign).backward()
+    plain = _grads(model)
+    for name in with_grl:
+        if name.startswith("classifier"):
+            torch.testing.assert_close(with_grl[name], plain[name])  # the classifier descends
+        elif name.startswith(("experts", "ebc")):
+            torch.testing.assert_close(with_grl[name], -0.37 * plain[name])  # generator ascends
+        else:
+            assert not with_grl[name].any(), name
+    w0 = with_grl["experts.weights.0"]
+    assert w0[0].abs().sum() > 0 and not w0[1:].any()  # only the shared expert (net 0), not specific
+
+
+def test_loss_is_the_sum_of_its_weighted_parts() -> None:
+    model = _mptrec(r_dnn=0.01, aux_weight=0.9, gan_weight=0.1).train()
+    model.task_weights = {"ctr": 1.0, "cvr": 2.0}
+    dense, kjt, labels = tiny_batch(10)
+    assign = torch.randint(0, 2, (10,))
+    torch.manual_seed(5)
+    out = model.forward_train(dense, kjt)
+    total, parts = model.loss(out, labels, assign)
+    assert set(parts) == {"ctr", "cvr", "aux", "gan", "l2"}
+    bce = {t: F.binary_cross_entropy_with_logits(out.logits[t], labels[t]) for t in TASKS}
+    aux = sum(w * F.binary_cross_entropy_with_logits(out.aux_logits[t], labels[t])
+              for t, w in model.task_weights.items())
+    gan = F.nll_loss(out.task_logits, assign)  # type: ignore[arg-type]
+    l2 = sum(0.5 * w.pow(2).sum() for w in [*model.experts.weights, *model.towers.weights])
+    expected = bce["ctr"] + 2 * bce["cvr"] + 0.9 * aux + 0.1 * gan + 0.01 * l2
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(parts["gan"], gan.detach())
+    with pytest.raises(ValueError, match="task_assign"):
+        model.loss(out, labels, None)
+    with pytest.raises(ValueError, match=r"labels for tasks \['cvr'\] are missing"):
+        model.loss(out, {"ctr": labels["ctr"]}, assign)
+
+
+def test_variant_parameter_sets() -> None:
+    names = {v: {n.split(".")[0] for n, _ in _mptrec(v).named_parameters()} for v in
+             ("full", "share", "specific", "no_gan")}
+    base = {"ebc", "experts", "towers"}
+    assert names["full"] == base | {"task_embedding", "gates", "classifier"}
+    assert names["no_gan"] == names["full"] - {"classifier"}
+    assert names["specific"] == names["full"] - {"gates"}
+    assert names["share"] == base | {"classifier"}
+    assert _mptrec("share").experts.num_nets == 1 and _mptrec("full").experts.num_nets == 1 + len(TASKS)
+    assert [_mptrec(v).uses_em for v in ("full", "share", "specific", "no_gan")] == [True, True, True, False]
+
+
+def test_no_gan_changes_only_the_classifier_and_its_loss() -> None:
+    full, no_gan = _mptrec("full").eval(), _mptrec("no_gan").eval()  # same seed: same shared weights
+    dense, kjt, labels = tiny_batch(8)
+    f_out, n_out = full.forward_train(dense, kjt), no_gan.forward_train(dense, kjt)
+    assert all(torch.equal(f_out.logits[t], n_out.logits[t]) for t in TASKS)
+    assert all(torch.equal(f_out.aux_logits[t], n_out.aux_logits[t]) for t in TASKS)
+    assert n_out.task_logits is None and f_out.task_logits is not None
+    f_total, f_parts = full.loss(f_out, labels, torch.zeros(8, dtype=torch.long))
+    n_total, n_parts = no_gan.loss(n_out, labels, None)
+    assert "gan" not in n_parts
+    torch.testing.assert_close(f_total - n_total, full.cfg.gan_weight * f_parts["gan"])
+
+
+def test_specific_variant_drops_the_shared_path_from_the_fusion() -> None:
+    full, spec = _mptrec("full").eval(), _mptrec("specific").eval()
+    dense, kjt, _ = tiny_batch(8)
+    assert torch.equal(full.experts.weights[0], spec.experts.weights[0])
+    feats = full.features(dense, kjt)
+    tilde = feats["h_specific"].transpose(0, 1) * feats["prompts"].unsqueeze(1)
+    expected = full.towers(tilde).squeeze(-1)
+    got = spec(dense, kjt)
+    assert all(torch.equal(got[t], expected[i]) for i, t in enumerate(TASKS))
+    s_feats = spec.features(dense, kjt)
+    assert not s_feats["h_shared"].any() and torch.equal(s_feats["h_specific"], feats["h_specific"])
+    out = spec.forward_train(dense, kjt)  # aux and GAN still use the real shared expert
+    assert torch.equal(out.aux_logits["ctr"], full.forward_train(dense, kjt).aux_logits["ctr"])
+
+
+def test_share_variant_predicts_from_the_shared_expert_only() -> None:
+    full, share = _mptrec("full").eval(), _mptrec("share").eval()
+    with torch.no_grad():  # give share the full model's shared expert and towers
+        for w_s, w_f in zip([*share.experts.weights, *share.experts.biases],
+                            [*full.experts.weights, *full.experts.biases]):
+            w_s.copy_(w_f[:1])
+        share.towers.load_state_dict(full.towers.state_dict())
+    dense, kjt, _ = tiny_batch(8)
+    got, out_full = share(dense, kjt), full.forward_train(dense, kjt)
+    assert all(torch.equal(got[t], out_full.aux_logits[t]) for t in TASKS)
+    feats = share.features(dense, kjt)
+    assert feats["h_specific"].shape == (8, 2, 16) and not feats["h_specific"].any()
+    assert not feats["prompts"].any()
+    assert torch.equal(feats["h_shared"], full.features(dense, kjt)["h_shared"])
+
+
+def _feats() -> dict[str, torch.Tensor]:
+    model = _mptrec().eval()
+    dense, kjt, _ = tiny_batch(6)
+    with torch.no_grad():
+        return model.features(dense, kjt)
+
+
+def test_transfer_weights_of_mptrec_fw_and_tes() -> None:
+    model, feats = _mptrec(), _feats()
+    heads = {}
+    for m in ("mptrec", "fw", "tes"):
+        torch.manual_seed(1)
+        heads[m] = model.new_task_head("t3", m)
+    w = {m: h.transfer_weights(feats) for m, h in heads.items()}
+    for m in w:
+        assert w[m].shape == (6, 2)
+        torch.testing.assert_close(w[m].sum(1), torch.ones(6))
+    assert torch.equal(w["fw"], torch.full((6, 2), 0.5))
+    tes = torch.softmax(feats["prompts"] @ heads["tes"].prompt / model.cfg.tau, dim=0)
+    assert torch.equal(w["tes"], tes.expand(6, -1))
+    proj = heads["mptrec"].projection
+    assert proj is not None and heads["fw"].projection is None and heads["tes"].projection is None
+    z = proj(feats["e"])
+    torch.testing.assert_close(w["mptrec"], torch.softmax(z @ feats["prompts"].t() / 150.0, dim=-1))
+    assert not torch.allclose(w["mptrec"][0], w["mptrec"][1])  # per sample
+    # fw and tes share every parameter (same seed); only the weights differ
+    fw_p, tes_p = dict(heads["fw"].named_parameters()), dict(heads["tes"].named_parameters())
+    assert fw_p.keys() == tes_p.keys() and all(torch.equal(fw_p[k], tes_p[k]) for k in fw_p)
+    same_prompts = {**feats, "prompts": feats["prompts"][:1].expand(2, -1)}
+    assert torch.equal(heads["fw"](same_prompts), heads["tes"](same_prompts))
+
+
+def test_new_head_output_is_eq_12_to_14() -> None:
+    model, feats = _mptrec(), _feats()
+    head = model.new_task_head("t3", "mptrec")
+    w = head.transfer_weights(feats)
+    h_new = (w.unsqueeze(-1) * feats["h_specific"]).sum(1)
+    g = torch.softmax(feats["e"] @ head.gate.weight.t(), dim=-1)
+    fused = g[:, :1] * h_new * head.prompt + g[:, 1:] * feats["h_shared"]
+    torch.testing.assert_close(head(feats), head.tower.forward_shared(fused)[0, :, 0])
+    assert head.adapter_params() == [n for n, _ in head.named_parameters()]
+    torch.testing.assert_close(head.l2_penalty(), head.tower.weight_l2())
+
+
+def test_new_task_head_errors() -> None:
+    model = _mptrec()
+    with pytest.raises(ValueError, match=r"'mmoe\*' does not apply to model MPTRec"):
+        model.new_task_head("t3", "mmoe*")
+    with pytest.raises(ValueError, match="already a task"):
+        model.new_task_head("ctr", "mptrec")
+    assert model.new_task_head("t3", "fw", tower_hidden=(3,)).tower.layer_sizes == (3, 1)
+
+
+def test_em_assign_hand_built() -> None:
+    logits = {"a": torch.tensor([4.0, -4.0, 0.0, 2.0]), "b": torch.tensor([0.0, 0.0, 0.0, -3.0])}
+    labels = {"a": torch.tensor([1.0, 1.0, 1.0, 0.0]), "b": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    # per-sample BCE a: [0.018, 4.018, 0.693, 2.127]; b: [0.693, 0.693, 0.693, 0.049]
+    got = em_assign(logits, labels, ["a", "b"])
+    assert got.dtype == torch.int64 and got.tolist() == [0, 1, 0, 1]  # tie (sample 2) -> first task
+    assert em_assign(logits, labels, ["b", "a"]).tolist() == [1, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"tasks \['c'\] missing"):
+        em_assign(logits, labels, ["a", "c"])
+
+
+def test_em_labels_come_from_the_fused_predictions() -> None:
+    model = _mptrec().eval()
+    dense, kjt, labels = tiny_batch(64)
+    with torch.no_grad():
+        assign = em_assign(model(dense, kjt), labels, model.task_names)
+        out = model.forward_train(dense, kjt)
+
+    def argmin(logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = [F.binary_cross_entropy_with_logits(logits[t], labels[t], reduction="none") for t in TASKS]
+        return torch.stack(losses, 1).argmin(1)
+
+    assert torch.equal(assign, argmin(out.logits))
+    assert not torch.equal(assign, argmin(out.aux_logits))  # the shared path would differ
