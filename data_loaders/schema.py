@@ -70,3 +70,67 @@ class LabelSpec:
     name: str
     column: str
     positive_values: tuple[int, ...] = ()
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where known, the column, row group and value."""
+
+
+# --------------------------------------------------------------------------------------------
+# Per-dataset column lists
+# --------------------------------------------------------------------------------------------
+
+#: Ali-CCP single-valued fields, in declared order (AITM's 18 fields, with 301 last).
+ALICCP_SINGLE_FIELDS: tuple[str, ...] = (
+    "101", "121", "122", "124", "125", "126", "127", "128", "129",
+    "205", "206", "207", "216", "508", "509", "702", "853", "301",
+)
+#: Ali-CCP multi-valued fields (``list<int64>`` columns). ``210`` (intention node) has several
+#: values in every row of the real PaddleRec ESMM sample (3 to 14), so it is a list field too.
+ALICCP_MULTI_FIELDS: tuple[str, ...] = ("210", "109_14", "110_14", "127_14", "150_14")
+#: Every Ali-CCP field in declared order.
+ALICCP_FIELDS: tuple[str, ...] = ALICCP_SINGLE_FIELDS + ALICCP_MULTI_FIELDS
+#: Ali-CCP label columns.
+ALICCP_LABELS: tuple[str, ...] = ("click", "purchase")
+#: Full-data vocabulary sizes (table rows, id 0 = missing/rare) from AITM's
+#: ``process_public_dataset.py`` (../shared/data/README.md).
+ALICCP_VOCAB_SIZES: dict[str, int] = {
+    "101": 238_635, "121": 98, "122": 14, "124": 3, "125": 8, "126": 4, "127": 4, "128": 3,
+    "129": 5, "205": 467_298, "206": 6_929, "207": 263_942, "216": 106_399, "508": 5_888,
+    "509": 104_830, "702": 51_878, "853": 37_148, "301": 4,
+}
+#: Sizes AITM does not publish (it drops these fields); assumed equal to the field whose entities
+#: the list holds: 109_14 categories (206), 110_14 shops (207), 127_14 brands (216); 210 and
+#: 150_14 (intention nodes) are a guess of 100,000.
+ALICCP_ASSUMED_VOCAB_SIZES: dict[str, int] = {
+    "210": 100_000, "109_14": 6_929, "110_14": 263_942, "127_14": 106_399, "150_14": 100_000,
+}
+
+#: The 42 columns of the UCI Census-Income (KDD) line format, in file order.
+CENSUS_COLUMNS: tuple[str, ...] = (
+    "age", "class_worker", "det_ind_code", "det_occ_code", "education", "wage_per_hour",
+    "hs_college", "marital_stat", "major_ind_code", "major_occ_code", "race", "hisp_origin", "sex",
+    "union_member", "unemp_reason", "full_or_part_emp", "capital_gains", "capital_losses",
+    "stock_dividends", "tax_filer_stat", "region_prev_res", "state_prev_res", "det_hh_fam_stat",
+    "det_hh_summ", "instance_weight", "mig_chg_msa", "mig_chg_reg", "mig_move_reg", "mig_same",
+    "mig_prev_sunbelt", "num_emp", "fam_under_18", "country_father", "country_mother",
+    "country_self", "citizenship", "own_or_self", "vet_question", "vet_benefits", "weeks_worked",
+    "year", "income_50k",
+)
+#: The 29 categorical input fields (keras-mmoe's list; ``marital_stat`` is the T2 label source
+#: and is not an input).
+CENSUS_SPARSE: tuple[str, ...] = (
+    "class_worker", "det_ind_code", "det_occ_code", "education", "hs_college", "major_ind_code",
+    "major_occ_code", "race", "hisp_origin", "sex", "union_member", "unemp_reason",
+    "full_or_part_emp", "tax_filer_stat", "region_prev_res", "state_prev_res", "det_hh_fam_stat",
+    "det_hh_summ", "mig_chg_msa", "mig_chg_reg", "mig_move_reg", "mig_same", "mig_prev_sunbelt",
+    "fam_under_18", "country_father", "country_mother", "country_self", "citizenship",
+    "vet_question",
+)
+#: The 11 dense input fields (min-max scaled on the training split); D_in = 11 + 29 * 4 = 127.
+CENSUS_DENSE: tuple[str, ...] = (
+    "age", "wage_per_hour", "capital_gains", "capital_losses", "stock_dividends",
+    "instance_weight", "num_emp", "own_or_self", "vet_benefits", "weeks_worked", "year",
+)
+#: Census label columns (0/1) written by the converter.
+CENSUS_LABELS: tuple[str, ...] = ("income", "marital", "education_label")

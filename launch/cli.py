@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "TORCHELASTIC_ERROR_FILE" in os.environ:
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        return int(record(_main)(argv))
+        rc = record(_main)(argv)  # None when argparse exits (e.g. --help)
+        return 0 if rc is None else int(rc)
     return _main(argv)
 
 

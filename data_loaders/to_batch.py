@@ -1,0 +1,352 @@
+"""Arrow table / record batch -> :class:`Batch`, and the per-table input checks. No file I/O.
+
+The KJT is built from lengths with vectorised numpy: values are the per-feature id arrays
+concatenated in declared key order, lengths are 1 for single-valued features and the list
+lengths for multi-valued ones.
+
+Example:
+    >>> import pyarrow as pa
+    >>> t = pa.table({"x": pa.array([0.5, 1.0], pa.float32()), "f": [3, 1], "y": pa.array([0, 1], pa.int8())})
+    >>> feats = [FeatureSpec("x", kind="dense"), FeatureSpec("f", num_embeddings=4, embedding_dim=4)]
+    >>> b = table_to_batch(t, feats, [LabelSpec("y", "y")])
+    >>> b.sparse_features.values().tolist(), b.labels["y"].tolist()
+    ([3, 1], [0.0, 1.0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mptrec.data_loaders.batch import Batch
+from mptrec.data_loaders.schema import DataError, FeatureSpec, LabelSpec, OovPolicy
+
+#: Column the dataset appends to each row group: the row's global index within its split.
+SAMPLE_ID_COLUMN = "__sample_id"
+OOV_POLICIES: tuple[str, ...] = ("error", "hash", "clip")
+
+#: ``pa.Table`` or ``pa.RecordBatch`` (pyarrow ships no type stubs).
+Table: TypeAlias = Any
+
+
+def _numpy(col: pa.Array | pa.ChunkedArray) -> npt.NDArray[Any]:
+    return np.asarray(col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array) else col.to_numpy())
+
+
+def fix_ids(
+    ids: npt.NDArray[np.int64], num_embeddings: int, policy: OovPolicy, where: str, column: str
+) -> npt.NDArray[np.int64]:
+    """Apply the out-of-vocabulary policy to ids of one feature.
+
+    Args:
+        ids: int64 ids.
+        num_embeddings: table size; valid ids are ``[0, num_embeddings)``.
+        policy: ``error`` (raise), ``hash`` (``id mod num_embeddings``) or ``clip`` (into
+            ``[0, num_embeddings - 1]``).
+        where: location for the error message (file, row group).
+        column: column name for the error message.
+
+    Returns:
+        Ids that are all valid table rows.
+
+    Raises:
+        DataError: ``policy == "error"`` and an id is out of range.
+    """
+    if ids.size == 0:
+        return ids
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo >= 0 and hi < num_embeddings:
+        return ids
+    if policy == "hash":
+        return np.mod(ids, num_embeddings)
+    if policy == "clip":
+        return np.clip(ids, 0, num_embeddings - 1)
+    bad = hi if hi >= num_embeddings else lo
+    raise DataError(
+        f"{where}: column {column!r}: id {bad} outside [0, {num_embeddings}) "
+        f"(oov_policy={policy!r}; use 'hash' or 'clip', or a larger num_embeddings)"
+    )
+
+
+def _first_bad(mask: npt.NDArray[np.bool_]) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_table(
+    table: Table,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    label_values: Mapping[str, Sequence[int]],
+    oov_policy: OovPolicy,
+    where: str,
+) -> None:
+    """Check the values of one table (nulls, NaN, labels, ids under ``oov_policy="error"``).
+
+    Fast path with pyarrow compute kernels (no conversion); the offending row is located only
+    when a check fails.
+
+    Args:
+        table: rows read from a shard.
+        features: the features read.
+        labels: the labels read.
+        label_values: label column -> allowed raw values (schema.json ``labels``).
+        oov_policy: ids out of range are an error only under ``"error"``.
+        where: location for messages, e.g. ``"train/part-00000.parquet row group 3"``.
+
+    Raises:
+        DataError: naming ``where``, the column and the bad value.
+    """
+    for f in features:
+        col = table.column(f.column)
+        if col.null_count:
+            raise DataError(f"{where}: column {f.column!r}: {col.null_count} null value(s)")
+        if f.kind == "dense":
+            if pc.all(pc.is_finite(col)).as_py() is False:
+                x = _numpy(col)
+                i = _first_bad(~np.isfinite(x))
+                raise DataError(
+                    f"{where}: dense column {f.column!r}: {x[i]} at row {i} (NaN/inf not allowed)"
+                )
+        elif oov_policy == "error":
+            ids = pc.list_flatten(col) if f.multivalent else col
+            mm = pc.min_max(ids)
+            lo, hi = mm["min"].as_py(), mm["max"].as_py()
+            if lo is not None and (lo < 0 or hi >= f.num_embeddings):
+                fix_ids(np.array([lo, hi], dtype=np.int64), f.num_embeddings, "error", where, f.column)
+    for lab in labels:
+        col = table.column(lab.column)
+        if col.null_count:
+            raise DataError(f"{where}: label column {lab.column!r}: {col.null_count} null value(s)")
+        allowed = list(label_values.get(lab.column, (0, 1))) if lab.positive_values else [0, 1]
+        if pc.all(pc.is_in(col, value_set=pa.array(allowed, col.type))).as_py() is False:
+            y = _numpy(col)
+            i = _first_bad(~np.isin(y, allowed))
+            raise DataError(
+                f"{where}: label column {lab.column!r} (task {lab.name!r}): value {y[i]} at row {i} "
+                f"is not in {allowed}"
+            )
+
+
+@dataclass
+class BatchArrays:
+    """The numpy arrays of some rows (one batch, or a block later cut into batches).
+
+    Args:
+        keys: sparse feature names (KJT keys) in declared order.
+        multi: per key, whether it is multi-valued.
+        dense: float32 (B, D).
+        values: int64 ids of all sparse features, key-major.
+        lengths: int32 (F * B) lengths, key-major.
+        length_per_key: number of ids per key.
+        labels: float32 (T, B), one row per task.
+        label_names: the tasks, in ``labels`` row order.
+        sample_ids: int64 (B,).
+    """
+
+    keys: list[str]
+    multi: list[bool]
+    dense: npt.NDArray[np.float32]
+    values: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int32]
+    length_per_key: list[int]
+    labels: npt.NDArray[np.float32]
+    label_names: list[str]
+    sample_ids: npt.NDArray[np.int64]
+
+    @property
+    def num_rows(self) -> int:
+        """B."""
+        return int(self.sample_ids.shape[0])
+
+    def row_slices(self, batch_size: int) -> list[RowSlice]:
+        """Consecutive slices of ``batch_size`` rows (the last may be shorter)."""
+        n = self.num_rows
+        key_start = np.concatenate([[0], np.cumsum(self.length_per_key)]).astype(np.int64)
+        row_off: list[npt.NDArray[np.int64] | None] = []
+        for k, multi in enumerate(self.multi):
+            if multi:
+                off = np.zeros(n + 1, dtype=np.int64)
+                np.cumsum(self.lengths[k * n : (k + 1) * n], out=off[1:])
+                row_off.append(off)
+            else:
+                row_off.append(None)
+        return [
+            RowSlice(self, a, min(a + batch_size, n), key_start, row_off) for a in range(0, n, batch_size)
+        ]
+
+    def to_batch(self) -> Batch:
+        """Tensors sharing the arrays' memory."""
+        return make_batch(
+            self.keys,
+            torch.from_numpy(self.dense),
+            torch.from_numpy(self.values),
+            torch.from_numpy(self.lengths),
+            self.length_per_key,
+            torch.from_numpy(self.labels),
+            self.label_names,
+            torch.from_numpy(self.sample_ids),
+        )
+
+
+@dataclass
+class RowSlice:
+    """Rows ``[start, stop)`` of a :class:`BatchArrays`, not yet copied out."""
+
+    source: BatchArrays
+    start: int
+    stop: int
+    key_start: npt.NDArray[np.int64]
+    row_off: list[npt.NDArray[np.int64] | None]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows in the slice."""
+        return self.stop - self.start
+
+    def value_ranges(self) -> list[tuple[int, int]]:
+        """Per key, the [start, stop) range of the slice's ids in ``source.values``."""
+        out = []
+        for k, off in enumerate(self.row_off):
+            a, b = (self.start, self.stop) if off is None else (int(off[self.start]), int(off[self.stop]))
+            out.append((int(self.key_start[k]) + a, int(self.key_start[k]) + b))
+        return out
+
+    def lengths_pieces(self) -> list[npt.NDArray[np.int32]]:
+        """Per key, the slice's lengths."""
+        n, src = self.source.num_rows, self.source.lengths
+        return [src[k * n + self.start : k * n + self.stop] for k in range(len(self.row_off))]
+
+    def materialize(self) -> BatchArrays:
+        """A standalone copy of the slice."""
+        s, a, b = self.source, self.start, self.stop
+        ranges = self.value_ranges()
+        pieces = [s.values[x:y] for x, y in ranges]
+        lens = self.lengths_pieces()
+        return BatchArrays(
+            keys=s.keys,
+            multi=s.multi,
+            dense=s.dense[a:b].copy(),
+            values=np.concatenate(pieces) if pieces else np.zeros(0, np.int64),
+            lengths=np.concatenate(lens) if lens else np.zeros(0, np.int32),
+            length_per_key=[y - x for x, y in ranges],
+            labels=s.labels[:, a:b].copy(),
+            label_names=s.label_names,
+            sample_ids=s.sample_ids[a:b].copy(),
+        )
+
+
+def make_batch(
+    keys: list[str],
+    dense: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    length_per_key: list[int],
+    labels: torch.Tensor,
+    label_names: list[str],
+    sample_ids: torch.Tensor,
+) -> Batch:
+    """A :class:`Batch` from tensors (``labels`` is (T, B), one row per task)."""
+    kjt = KeyedJaggedTensor(
+        keys=keys, values=values, lengths=lengths, stride=int(dense.shape[0]), length_per_key=length_per_key
+    )
+    return Batch(
+        dense_features=dense,
+        sparse_features=kjt,
+        labels={name: labels[i] for i, name in enumerate(label_names)},
+        sample_ids=sample_ids,
+    )
+
+
+def table_to_arrays(
+    table: Table,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    oov_policy: OovPolicy = "error",
+    where: str = "table",
+    checked: bool = False,
+) -> BatchArrays:
+    """Convert rows to numpy arrays (see :func:`table_to_batch`).
+
+    Args:
+        table: the rows.
+        features: features in declared order.
+        labels: labels.
+        oov_policy: see :func:`fix_ids`.
+        where: location for error messages.
+        checked: :func:`check_table` already ran with ``oov_policy="error"`` (skip the id check).
+
+    Returns:
+        The arrays.
+    """
+    n = table.num_rows
+    dense_specs = [f for f in features if f.kind == "dense"]
+    sparse_specs = [f for f in features if f.kind == "sparse"]
+    dense = np.empty((n, len(dense_specs)), dtype=np.float32)
+    for j, f in enumerate(dense_specs):
+        dense[:, j] = _numpy(table.column(f.column))
+    values: list[npt.NDArray[np.int64]] = []
+    lengths = np.ones(n * len(sparse_specs), dtype=np.int32)
+    for k, f in enumerate(sparse_specs):
+        col = table.column(f.column)
+        if f.multivalent:
+            lengths[k * n : (k + 1) * n] = _numpy(pc.fill_null(pc.list_value_length(col), 0))
+            col = pc.list_flatten(col)
+        ids = _numpy(col).astype(np.int64, copy=False)
+        values.append(
+            ids
+            if checked and oov_policy == "error"
+            else fix_ids(ids, f.num_embeddings, oov_policy, where, f.column)
+        )
+    y = np.empty((len(labels), n), dtype=np.float32)
+    for i, lab in enumerate(labels):
+        raw = _numpy(table.column(lab.column))
+        y[i] = np.isin(raw, lab.positive_values) if lab.positive_values else raw
+    if SAMPLE_ID_COLUMN in table.column_names:
+        ids = _numpy(table.column(SAMPLE_ID_COLUMN)).astype(np.int64)  # a writable copy
+    else:
+        ids = np.arange(n, dtype=np.int64)
+    return BatchArrays(
+        keys=[f.name for f in sparse_specs],
+        multi=[f.multivalent for f in sparse_specs],
+        dense=dense,
+        values=np.concatenate(values) if values else np.zeros(0, np.int64),
+        lengths=lengths,
+        length_per_key=[int(v.size) for v in values],
+        labels=y,
+        label_names=[lab.name for lab in labels],
+        sample_ids=ids,
+    )
+
+
+def table_to_batch(
+    table: Table,
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    oov_policy: OovPolicy = "error",
+    where: str = "table",
+) -> Batch:
+    """Convert rows to a :class:`Batch` (dense tensor, KJT, labels, sample ids).
+
+    Args:
+        table: rows; must hold every feature's and label's column (and optionally
+            :data:`SAMPLE_ID_COLUMN`; otherwise sample ids are ``0..B-1``).
+        features: features in declared order (dense ones go to ``dense_features``, sparse ones
+            to the KJT in this order).
+        labels: labels; ``positive_values`` binarise raw codes.
+        oov_policy: see :func:`fix_ids`.
+        where: location for error messages.
+
+    Returns:
+        The batch; labels are float32 0/1.
+    """
+    return table_to_arrays(table, features, labels, oov_policy=oov_policy, where=where).to_batch()
