@@ -1,0 +1,243 @@
+"""At the paper's dims the dense arch dominates: profile the step, try dense-side speedups.
+
+Variants of our stage-1 step at the paper's dims, timed interleaved (samples/s, so batch sizes
+compare): bigger batches, bf16 autocast and ``torch.compile`` of the dense arch (available now),
+proposals for ``models/`` or the config (cheaper dropout masks, the exact Adagrad table
+optimizer), and diagnostics that say where time goes (the non-pipelined stepper, no dropout).
+bf16 counts only if the validation AUC holds: the same model is trained on the same batches in
+fp32 and in bf16 and both are scored exactly on the validation split.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mptrec.bench.common import PAPER, Settings, load_batches, run_config
+from mptrec.bench.harness import Variant, ratio, throughput
+from mptrec.bench.ours import Stage1, build_stage1, compile_dense_arch, scorer
+from mptrec.bench.profiling import profile_steps
+from mptrec.pipeline.build import resolve_run_features
+from mptrec.pipeline.evaluate import evaluate
+
+#: Largest |AUC(bf16) - AUC(fp32)| per task for bf16 to count as "AUC holds".
+AUC_TOLERANCE = 0.003
+#: Below this fp32 validation AUC (on any task) the check is inconclusive (too few steps).
+MIN_LEARNED_AUC = 0.55
+
+
+def _batches(s: Settings, schema: dict[str, Any], batch_size: int, extra: Sequence[str] = ()) -> list[Any]:
+    cfg = run_config(s, PAPER, batch_size=batch_size, extra=extra)
+    features = resolve_run_features(cfg, schema)
+    n = max(2, s.distinct_batches * PAPER.batch_size // batch_size)
+    return load_batches(
+        s.data_dir, cfg.data.train_split, features, [t.label_spec() for t in cfg.tasks], batch_size, n
+    )
+
+
+def profile_stage1(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
+    """torch.profiler over our stage-1 step at the paper's dims."""
+    cfg = run_config(s, PAPER)
+    trainer = build_stage1(cfg, schema, _batches(s, schema, PAPER.batch_size), group)
+    for i in range(s.warmup):
+        trainer.step(i)
+    out = profile_steps(trainer.step, max(4, s.steps // 2), PAPER.batch_size)
+    trainer.detach()
+    return out
+
+
+class FastDropout(nn.Module):
+    """Dropout whose masks come from 16-bit slices of 64-bit random words (4 masks per draw).
+
+    Same distribution as ``nn.Dropout(p)`` up to ``p`` rounded to a multiple of 1/65536: an element
+    is kept when its 16 random bits are >= ``p * 65536``, and kept values are scaled by
+    ``1 / (1 - p)``. ``torch.bernoulli_`` draws one random number per element; on this CPU it is
+    the costliest op of the step. A proposal for ``models/`` (the bench patches it in).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.threshold = round(self.p * 65536) - 32768  # compared against signed int16 bits
+        self.scale = 1.0 / (1.0 - self.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Drop and rescale (identity in eval mode)."""
+        if not self.training or self.p == 0.0:
+            return x
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        bits = words.view(torch.int16)[:n].view(x.shape)
+        keep = (bits >= self.threshold).to(x.dtype).mul_(self.scale)  # no grad: a constant mask
+        return x * keep
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Replace every ``nn.Dropout`` inside ``model`` by :class:`FastDropout`; returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, FastDropout(child.p))
+                count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class DenseVariant:
+    """A variant of our stage-1 step.
+
+    Args:
+        name: shown in the results.
+        kind: ``baseline``, ``speedup`` (available now, no code change), ``proposal`` (a change
+            to suggest for ``models/`` or the config) or ``diagnostic`` (says where time goes;
+            not a drop-in change).
+        batch: batch size.
+        overrides: config overrides (``--set`` syntax).
+        bf16: bf16 autocast around the step.
+        patch: ``compile`` (:func:`compile_dense_arch`), ``fast_dropout`` (:func:`use_fast_dropout`).
+    """
+
+    name: str
+    kind: str
+    batch: int = 2000
+    overrides: tuple[str, ...] = ()
+    bf16: bool = False
+    patch: tuple[str, ...] = ()
+
+
+ADAGRAD = 'train.embedding_optimizer="adagrad"'
+
+
+def variants_for(s: Settings) -> list[DenseVariant]:
+    """Every variant of this run (compile ones only when ``s.compile``)."""
+    out = [
+        DenseVariant("baseline", "baseline"),
+        DenseVariant("batch 4000", "speedup", batch=4000),
+        DenseVariant("batch 8000", "speedup", batch=8000),
+        DenseVariant("bf16 autocast", "speedup", bf16=True),
+        DenseVariant("bf16 autocast, batch 8000", "speedup", batch=8000, bf16=True),
+    ]
+    if s.compile:
+        out.append(DenseVariant("torch.compile dense arch", "speedup", patch=("compile",)))
+    out += [
+        DenseVariant("fast dropout masks (16-bit random slices)", "proposal", patch=("fast_dropout",)),
+        DenseVariant("exact Adagrad tables (not row-wise)", "proposal", overrides=(ADAGRAD,)),
+        DenseVariant(
+            "fast dropout + exact Adagrad + bf16 + batch 8000",
+            "proposal",
+            batch=8000,
+            overrides=(ADAGRAD,),
+            bf16=True,
+            patch=("fast_dropout",),
+        ),
+        DenseVariant("non-pipelined stepper", "diagnostic", overrides=("train.pipelined=false",)),
+        DenseVariant("no dropout (changes the model)", "diagnostic", overrides=("model.expert_dropout=[]",)),
+    ]
+    return out
+
+
+def _build(s: Settings, schema: dict[str, Any], group: Any, v: DenseVariant) -> tuple[Stage1, dict[str, Any]]:
+    cfg = run_config(s, PAPER, batch_size=v.batch, extra=v.overrides)
+    trainer = build_stage1(cfg, schema, _batches(s, schema, v.batch, v.overrides), group, autocast=v.bf16)
+    info: dict[str, Any] = {}
+    if "fast_dropout" in v.patch:
+        info["dropouts_replaced"] = use_fast_dropout(trainer.model)
+    if "compile" in v.patch:
+        trainer.step(0)  # the pipeline traces the model on its first step; compile after that
+        compile_dense_arch(trainer.model)
+        t0 = time.perf_counter()
+        trainer.step(1)  # compiles
+        info["compile_s"] = round(time.perf_counter() - t0, 2)
+    return trainer, info
+
+
+def dense_speedups(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
+    """Samples/s of each variant and its ratio to the baseline; failures are recorded, not raised."""
+    variants: list[Variant] = []
+    meta: dict[str, dict[str, Any]] = {}
+    trainers = []
+    for v in variants_for(s):
+        try:
+            trainer, info = _build(s, schema, group, v)
+        except Exception as e:  # noqa: BLE001 - a variant that does not work is a result
+            print(f"[bench] dense variant {v.name!r} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            meta[v.name] = {"kind": v.kind, "error": f"{type(e).__name__}: {str(e)[:500]}"}
+            continue
+        trainers.append(trainer)
+        steps = max(2, s.steps * PAPER.batch_size // v.batch)
+        warm = max(1, s.warmup * PAPER.batch_size // v.batch)
+        variants.append(Variant(v.name, trainer.step, v.batch, steps=steps, warmup=warm))
+        meta[v.name] = {
+            "kind": v.kind,
+            "batch_size": v.batch,
+            "overrides": list(v.overrides),
+            "bf16": v.bf16,
+            "patch": list(v.patch),
+            "timed_steps": steps,
+            **info,
+        }
+    stats = throughput(variants, warmup=s.warmup, steps=s.steps, repeats=s.repeats, label="dense: ")
+    base = stats.get("baseline")
+    out: dict[str, Any] = {}
+    for name, m in meta.items():
+        if name in stats and base is not None:
+            m = {**m, "samples_per_s": stats[name], "vs_baseline": ratio(stats[name], base)}
+        out[name] = m
+    for t in trainers:
+        t.detach()
+    del trainers, variants
+    gc.collect()
+    return out
+
+
+def bf16_auc_check(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
+    """Train fp32 and bf16 copies of the same model on the same batches; exact validation AUCs."""
+    extra = ["train.lr=1e-3", "train.embedding_lr=0.05"]  # learn something in a few hundred steps
+    cfg = run_config(s, PAPER, extra=extra)
+    features = resolve_run_features(cfg, schema)
+    labels = [t.label_spec() for t in cfg.tasks]
+    train = load_batches(s.data_dir, cfg.data.train_split, features, labels, PAPER.batch_size)
+    valid = load_batches(
+        s.data_dir, cfg.data.valid_split, features, labels, PAPER.batch_size, drop_last=False
+    )
+    aucs: dict[str, dict[str, float | None]] = {}
+    for mode in ("fp32", "bf16"):
+        torch.manual_seed(cfg.train.seed)
+        trainer = build_stage1(cfg, schema, train, group, autocast=mode == "bf16")
+        for i in range(s.auc_steps):
+            trainer.step(i)
+        trainer.detach()
+        trainer.model.eval()
+        report = evaluate(
+            scorer(trainer.model, autocast=mode == "bf16"), valid, cfg.task_names, progress=False
+        )
+        aucs[mode] = {t: report["tasks"][t]["auc"] for t in cfg.task_names}
+        print(f"[bench] bf16 AUC check: {mode} validation AUC {aucs[mode]}", file=sys.stderr)
+    deltas: dict[str, float | None] = {}
+    for t in cfg.task_names:
+        a, b = aucs["fp32"][t], aucs["bf16"][t]
+        deltas[t] = None if a is None or b is None else b - a
+    learned = all(a is not None and a >= MIN_LEARNED_AUC for a in aucs["fp32"].values())
+    holds: bool | None = all(d is not None and abs(d) <= AUC_TOLERANCE for d in deltas.values())
+    if not learned:
+        holds = None  # the fp32 model learned too little for the comparison to mean anything
+    return {
+        "train_steps": s.auc_steps,
+        "train_rows": s.auc_steps * PAPER.batch_size,
+        "valid_rows": sum(b.batch_size for b in valid),
+        "auc": aucs,
+        "delta": deltas,
+        "tolerance": AUC_TOLERANCE,
+        "holds": holds,
+        "conclusive": learned,
+        "min_learned_auc": MIN_LEARNED_AUC,
+        "overrides": extra,
+    }

@@ -1,0 +1,114 @@
+"""Loader throughput vs a bare pyarrow read, and whether the loader or the step bounds training.
+
+* ``bench_dataload.run`` (the data helper's benchmark: every column of the split, the loader
+  with ``num_workers`` workers vs ``ParquetFile.iter_batches``), once per repeat.
+* The loader as a training run uses it (the run's 16 input fields and 2 labels, the config's
+  ``data.num_workers``, the paper's batch size), alone; then our stage-1 step fed by that
+  loader for an epoch (end to end), against the step on in-memory batches. The smaller of the
+  loader's and the step's samples/s is the bottleneck; the end-to-end figure shows what a run
+  gets when both share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from mptrec.bench.bench_dataload import run as dataload_run
+from mptrec.bench.common import PAPER, Settings, load_batches, run_config
+from mptrec.bench.harness import Stat, Variant, repeat_timed, throughput
+from mptrec.bench.ours import build_stage1
+from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
+from mptrec.pipeline.build import resolve_run_features
+
+
+def loader_vs_bare(s: Settings, num_workers: int) -> dict[str, Any]:
+    """The data helper's loader-vs-bare-read figures, one call per repeat."""
+    runs = []
+    for r in range(s.repeats):
+        out = dataload_run(str(s.data_dir), batch_size=PAPER.batch_size, num_workers=num_workers, repeats=1)
+        runs.append(out)
+        print(
+            f"[bench] loader vs bare read {r + 1}/{s.repeats}: loader {out['loader_samples_per_s']:,} "
+            f"bare {out['bare_samples_per_s']:,} samples/s",
+            file=sys.stderr,
+        )
+    loader = Stat([float(o["loader_samples_per_s"]) for o in runs], "samples/s")
+    bare = Stat([float(o["bare_samples_per_s"]) for o in runs], "samples/s")
+    return {
+        "rows": runs[0]["rows"],
+        "columns": runs[0]["columns"],
+        "num_workers": num_workers,
+        "batch_size": PAPER.batch_size,
+        "loader": loader,
+        "bare_read": bare,
+        "fraction": Stat([a / b for a, b in zip(loader.values, bare.values)], "fraction"),
+    }
+
+
+def training_bottleneck(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
+    """Loader alone (training columns), step alone (in memory), and the two together for an epoch."""
+    cfg = run_config(s, PAPER)
+    features = resolve_run_features(cfg, schema)
+    labels = [t.label_spec() for t in cfg.tasks]
+    workers = cfg.data.num_workers
+
+    def dataset() -> ShardDataset:
+        return ShardDataset(
+            s.data_dir,
+            cfg.data.train_split,
+            features=features,
+            labels=labels,
+            batch_size=PAPER.batch_size,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.train.seed,
+            drop_last=True,
+        )
+
+    rows = dataset().num_rows // PAPER.batch_size * PAPER.batch_size
+
+    def loader_epoch() -> float:
+        t0 = time.perf_counter()
+        n = sum(b.batch_size for b in make_dataloader(dataset(), workers))
+        return n / (time.perf_counter() - t0)
+
+    loader = repeat_timed(loader_epoch, s.repeats, "samples/s", f"loader alone ({workers} workers)")
+    batches = load_batches(
+        s.data_dir, cfg.data.train_split, features, labels, PAPER.batch_size, s.distinct_batches
+    )
+    trainer = build_stage1(cfg, schema, batches, group)
+    step = throughput(
+        [Variant("step", trainer.step, PAPER.batch_size)],
+        warmup=s.warmup,
+        steps=s.steps,
+        repeats=s.repeats,
+        label="step alone: ",
+    )["step"]
+
+    trainer.detach()
+    fed = build_stage1(cfg, schema, group=group)  # its own pipeline: no in-flight in-memory batches
+    e2e = {}
+    for n in sorted({workers, 0}, reverse=True):
+
+        def end_to_end(n: int = n) -> float:
+            t0 = time.perf_counter()
+            fed.run(make_dataloader(dataset(), n))
+            return rows / (time.perf_counter() - t0)
+
+        fed.run(make_dataloader(dataset(), n))  # warm-up epoch
+        e2e[n] = repeat_timed(
+            end_to_end, s.repeats, "samples/s", f"train epoch fed by the loader ({n} workers)"
+        )
+    bottleneck = "loader" if loader.median < step.median else "step"
+    return {
+        "num_workers": workers,
+        "rows_per_epoch": rows,
+        "batch_size": PAPER.batch_size,
+        "loader_alone": loader,
+        "step_alone": step,
+        "end_to_end": e2e[workers],
+        "end_to_end_by_workers": {str(k): v for k, v in e2e.items()},
+        "bottleneck": bottleneck,
+        "end_to_end_fraction_of_step": Stat([a / step.median for a in e2e[workers].values], "fraction"),
+    }

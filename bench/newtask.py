@@ -1,0 +1,288 @@
+"""What a new task costs: prompt tuning vs full retraining vs prompt tuning the paper's way.
+
+Same data (the training split in memory, with the click, purchase and T3 = field 301 labels),
+same batch size and threads, epochs timed interleaved:
+
+* ``prompt_tune``: ours, the frozen no-grad backbone + the new head (``mptrec prompt-tune``'s step);
+* ``full_retrain``: ours, stage 1 with the new task added (K+1 = 3 tasks, ``mptrec train``'s step);
+* ``paper_prompt``: the paper's code, plain PyTorch with dense-gradient tables; the backbone is
+  "frozen" only by leaving it out of the optimizer, so backward still computes (and
+  accumulates) every backbone gradient.
+
+Memory: bytes held by the backbone's gradients and by each optimizer's state after the epochs
+(exact, from the tensors); and, for each way in its own freshly spawned process (so no way
+inherits another's allocations), the resident memory after building it and its peak and growth
+over a warm-up and one epoch (sampled every 2 ms). FLOPs per sample (one multiply-add = one
+flop, matrix products only): the trained part's forward (the paper's %FLOPs measure) and a whole
+training step (forward + backward).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
+
+from mptrec.bench.common import (
+    NEW_TASK,
+    PAPER,
+    Settings,
+    load_batches,
+    process_group,
+    run_config,
+    with_new_task,
+)
+from mptrec.bench.harness import PeakRss, Stat
+from mptrec.bench.ours import build_prompt, build_stage1
+from mptrec.bench.references import (
+    RefMPTRec,
+    RefNewTaskHead,
+    grad_bytes,
+    make_paper_prompt_step,
+    to_ref_batch,
+)
+from mptrec.bench.stage1 import PAPER_R_EMB, task_assignments
+from mptrec.data_loaders.batch import Batch
+from mptrec.data_loaders.layout import read_schema
+from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.models import count_parameters
+from mptrec.pipeline.build import resolve_run_features
+from mptrec.pipeline.config import RunConfig
+
+MIB = 1024.0 * 1024.0
+
+
+def optimizer_state_bytes(opt: Any) -> int:
+    """Bytes of tensors in an optimizer's state (fused TorchRec optimizers included)."""
+    total = 0
+    state = opt.state.values() if hasattr(opt, "state") else []
+    for per_param in state:
+        for v in per_param.values() if isinstance(per_param, dict) else []:
+            if hasattr(v, "local_shards"):  # a ShardedTensor (fused optimizer state)
+                total += sum(sh.tensor.numel() * sh.tensor.element_size() for sh in v.local_shards())
+            elif isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def _flops(fn: Callable[[], Any], batch: int) -> float | None:
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops() / 2.0 / batch
+    except Exception as e:  # noqa: BLE001 - a counter that fails on an op is reported, not fatal
+        print(f"[bench] FLOP count failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+@dataclass
+class _Way:
+    """One way of learning the new task: its epoch, warm-up and what to account for."""
+
+    epoch: Callable[[], None]
+    warmup: Callable[[], None]
+    train_step: Callable[[], Any]  # one step on the first batch (for FLOPs)
+    forward: Callable[[], Any]  # the trained part's forward on the first batch (for FLOPs)
+    trainable: int
+    backbone_grads: Callable[[], int]
+    optimizer_state: Callable[[], int]
+    before_forward: Callable[[], None] = lambda: None
+
+
+@dataclass
+class _Data:
+    """The run configs and the epoch's batches, shared by the three ways."""
+
+    cfg: RunConfig
+    full_cfg: RunConfig
+    features: list[FeatureSpec]
+    batches: list[Batch]
+
+    @property
+    def warm(self) -> list[Batch]:
+        """Warm-up batches."""
+        return self.batches[: min(2, len(self.batches))]
+
+
+def _data(s: Settings, schema: dict[str, Any]) -> _Data:
+    cfg = run_config(s, PAPER)
+    full_cfg = with_new_task(cfg)
+    features = resolve_run_features(cfg, schema)
+    labels = [t.label_spec() for t in full_cfg.tasks]
+    batches = load_batches(s.data_dir, cfg.data.train_split, features, labels, PAPER.batch_size)
+    return _Data(cfg, full_cfg, features, batches)
+
+
+def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
+    prompt = build_prompt(d.cfg, schema, group, seed=s.seed)
+    b0 = d.batches[0]
+    with torch.no_grad():
+        feats = prompt.backbone.features(b0.dense_features, b0.sparse_features)
+
+    def epoch(bs: Sequence[Batch]) -> None:
+        for b in bs:
+            prompt.step_on(b)
+
+    return _Way(
+        epoch=lambda: epoch(d.batches),
+        warmup=lambda: epoch(d.warm),
+        train_step=lambda: prompt.step_on(b0),
+        forward=lambda: prompt.head(feats),
+        trainable=count_parameters(prompt.head)[0],
+        backbone_grads=lambda: grad_bytes(prompt.backbone),
+        optimizer_state=lambda: optimizer_state_bytes(prompt.optimizer),
+    )
+
+
+def _full_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
+    full = build_stage1(d.full_cfg, schema, d.batches, group)
+    b0 = d.batches[0]
+    return _Way(
+        epoch=lambda: full.run(d.batches),
+        warmup=lambda: full.run(d.warm),
+        train_step=lambda: full.run(d.batches[:1]),
+        forward=lambda: full.model(b0.dense_features, b0.sparse_features),
+        trainable=count_parameters(full.model)[1],  # everything trains
+        backbone_grads=lambda: 0,
+        optimizer_state=lambda: optimizer_state_bytes(full.optimizer),
+        before_forward=full.detach,
+    )
+
+
+def _paper_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
+    cfg = d.cfg
+    torch.manual_seed(s.seed)
+    ref = RefMPTRec(d.features, replace(cfg.model, r_emb=PAPER_R_EMB), cfg.task_names, sparse=False)
+    head = RefNewTaskHead(ref.d_in, cfg.model.hidden_dim, cfg.model.tower_hidden, cfg.model.tau)
+    assign = task_assignments(d.batches, len(cfg.tasks), s.seed)
+    ref_batches = [to_ref_batch(b, d.features, a) for b, a in zip(d.batches, assign)]
+    step = make_paper_prompt_step(ref, head, ref_batches, NEW_TASK.name, lr=1e-4, r_dnn=cfg.model.r_dnn)
+    with torch.no_grad():
+        feats = ref.features(ref_batches[0])
+
+    def epoch(n: int) -> None:
+        for i in range(n):
+            step(i)
+
+    return _Way(
+        epoch=lambda: epoch(len(ref_batches)),
+        warmup=lambda: epoch(len(d.warm)),
+        train_step=lambda: step(0),
+        forward=lambda: head(feats),
+        trainable=sum(p.numel() for p in head.parameters()),
+        backbone_grads=lambda: grad_bytes(ref),
+        optimizer_state=lambda: optimizer_state_bytes(step.optimizers[0]),
+    )
+
+
+WAYS: dict[str, Callable[[_Data, Settings, dict[str, Any], Any], _Way]] = {
+    "prompt_tune": _prompt_way,
+    "full_retrain": _full_way,
+    "paper_prompt": _paper_way,
+}
+
+
+def _memory_worker(name: str, s: Settings, queue: Any) -> None:
+    """In a fresh process: build one way, then sample RSS over its warm-up and one epoch."""
+    try:
+        logging.getLogger("torchrec").setLevel(logging.ERROR)
+        torch.set_num_threads(s.threads)
+        with process_group() as group:
+            schema = read_schema(s.data_dir)
+            way = WAYS[name](_data(s, schema), s, schema, group)
+            gc.collect()
+            with PeakRss() as rss:
+                way.warmup()
+                way.epoch()
+            queue.put(
+                (
+                    "ok",
+                    {
+                        "rss_after_build_mib": round(rss.start / MIB, 1),
+                        "peak_rss_mib": round(rss.peak / MIB, 1),
+                        "growth_mib": round(rss.growth / MIB, 1),
+                    },
+                )
+            )
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        queue.put(("error", traceback.format_exc()))
+
+
+def memory_in_fresh_process(name: str, s: Settings, timeout: float = 900.0) -> dict[str, Any]:
+    """Peak RSS and its growth during training of one way, measured in its own spawned process."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_worker, args=(name, s, queue))
+    proc.start()
+    try:
+        status, payload = queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(f"memory measurement of {name!r} failed:\n{payload}")
+    result: dict[str, Any] = payload
+    return result
+
+
+def _epochs(ways: dict[str, _Way], repeats: int) -> dict[str, Stat]:
+    """Interleaved epoch timings after one warm-up each."""
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for way in ways.values():
+        way.warmup()
+    for r in range(repeats):
+        for name, way in ways.items():
+            t0 = time.perf_counter()
+            way.epoch()
+            times[name].append(time.perf_counter() - t0)
+            print(
+                f"[bench] new task epoch {r + 1}/{repeats}: {name} {times[name][-1]:.2f} s", file=sys.stderr
+            )
+    return {k: Stat(v, "s") for k, v in times.items()}
+
+
+def new_task(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
+    """Per-epoch wall time, samples/s, memory, trainable parameters and FLOPs of the three ways."""
+    d = _data(s, schema)
+    ways = {name: build(d, s, schema, group) for name, build in WAYS.items()}
+    epoch_s = _epochs(ways, s.repeats)
+    rows = sum(b.batch_size for b in d.batches)
+    batch = PAPER.batch_size
+    train_flops = {k: _flops(w.train_step, batch) for k, w in ways.items()}
+    variants: dict[str, Any] = {}
+    for name, way in ways.items():
+        way.before_forward()
+        variants[name] = {
+            "epoch_s": epoch_s[name],
+            "samples_per_s": Stat([rows / t for t in epoch_s[name].values], "samples/s"),
+            "backbone_grad_mib": round(way.backbone_grads() / MIB, 3),
+            "optimizer_state_mib": round(way.optimizer_state() / MIB, 3),
+            "trainable_parameters": way.trainable,
+            "forward_flops_per_sample": _flops(way.forward, batch),
+            "train_step_flops_per_sample": train_flops[name],
+        }
+    del ways
+    gc.collect()
+    for name in WAYS:
+        print(f"[bench] new task memory: {name} in a fresh process", file=sys.stderr)
+        variants[name]["memory"] = memory_in_fresh_process(name, s)
+    pt, fr, pp = (epoch_s[k].values for k in ("prompt_tune", "full_retrain", "paper_prompt"))
+    return {
+        "rows_per_epoch": rows,
+        "batch_size": batch,
+        "new_task": NEW_TASK.name,
+        "variants": variants,
+        "time_fraction_of_full": Stat([p / f for p, f in zip(pt, fr)], "fraction"),
+        "paper_prompt_vs_ours": Stat([p / o for p, o in zip(pp, pt)], "x"),
+    }

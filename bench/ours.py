@@ -1,0 +1,192 @@
+"""Our pipeline's steps, built the way ``mptrec train`` / ``mptrec prompt-tune`` build them.
+
+Stage 1 (:func:`build_stage1`): ``build_from_config`` -> ``TrainWrapper`` (with the EM label
+store) -> ``shard_model`` (DMP, fused embedding optimizer in backward, dense Adam) ->
+``make_stepper`` (``TrainPipelineSparseDist`` when ``train.pipelined``), the same calls as
+:func:`mptrec.pipeline.stages.pretrain`; each step is ``stepper.progress(batches)``.
+
+Stage 2 (:func:`build_prompt`): the stage-1 model plus a new head in a ``PromptTunedModel``
+(frozen backbone: ``requires_grad`` off, eval mode, ``no_grad`` forward), sharded with no
+optimizer on the tables, Adam over the head only; the step is the one of
+:mod:`mptrec.pipeline.prompt_tune` (forward, BCE + ``r_dnn`` x the new tower's L2, backward,
+Adam). The backbone is freshly initialised rather than loaded from a checkpoint: throughput
+does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mptrec.bench.common import NEW_TASK, cycle
+from mptrec.data_loaders.batch import Batch
+from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.models import PromptTunedModel
+from mptrec.models.base import MultiTaskModel, NewTaskHead
+from mptrec.pipeline.build import build_from_config
+from mptrec.pipeline.config import RunConfig
+from mptrec.pipeline.em import EMLabelStore
+from mptrec.pipeline.loop import make_stepper
+from mptrec.pipeline.sharding import shard_model, unwrap_dmp
+from mptrec.pipeline.train_task import TrainWrapper
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Stage1:
+    """Our stage-1 trainer on in-memory batches."""
+
+    cfg: RunConfig
+    model: MultiTaskModel
+    features: list[FeatureSpec]
+    dmp: nn.Module
+    optimizer: Any
+    stepper: Any
+    it: Iterator[Batch]
+    autocast: bool = False
+    plan_text: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def step(self, i: int) -> None:
+        """One training step on the next batch (``i`` is unused: batches cycle)."""
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            self.stepper.progress(self.it)
+
+    def run(self, batches: Iterable[Batch]) -> None:
+        """Train one epoch over ``batches`` (e.g. a DataLoader) as the loop does: steps until the
+        iterator is exhausted, then the pipeline gives the EBC its own forward back."""
+        it = iter(batches)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            while True:
+                try:
+                    self.stepper.progress(it)
+                except StopIteration:
+                    break
+        self.detach()
+
+    def detach(self) -> None:
+        """Give the EBC its own forward back (after a pipelined run; before evaluation)."""
+        if hasattr(self.stepper, "detach"):
+            self.stepper.detach()
+
+
+def build_stage1(
+    cfg: RunConfig,
+    schema: dict[str, Any],
+    batches: Sequence[Batch] = (),
+    group: dist.ProcessGroup | None = None,
+    *,
+    autocast: bool = False,
+) -> Stage1:
+    """Our stage-1 model, sharded and with its optimizers; :meth:`Stage1.step` cycles over ``batches``."""
+    model, features = build_from_config(cfg, schema)
+    em_store = None
+    if model.uses_em:
+        rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
+        em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=CPU)
+    wrapper = TrainWrapper(model, em_store)
+    sharded = shard_model(
+        wrapper, features, cfg.sharding, cfg.train, CPU, group, batch_size=cfg.data.batch_size
+    )
+    sharded.dmp.train()
+    stepper = make_stepper(sharded.dmp, sharded.optimizer, CPU, cfg.train.pipelined)
+    return Stage1(
+        cfg=cfg,
+        model=model,
+        features=features,
+        dmp=sharded.dmp,
+        optimizer=sharded.optimizer,
+        stepper=stepper,
+        it=cycle(batches) if batches else iter(()),
+        autocast=autocast,
+        plan_text=sharded.plan_text,
+    )
+
+
+def compile_dense_arch(model: MultiTaskModel) -> None:
+    """``torch.compile`` the model's dense arch in place: ``forward_train`` and ``loss``, with the
+    embedding lookup (``embed``, the sharded EBC) left eager (a graph break)."""
+    model.embed = torch.compiler.disable(model.embed)  # type: ignore[method-assign]
+    model.forward_train = torch.compile(model.forward_train)  # type: ignore[method-assign]
+    model.loss = torch.compile(model.loss)  # type: ignore[method-assign]
+
+
+@dataclass
+class Prompt:
+    """Our stage-2 (prompt-tuning) trainer."""
+
+    dmp: nn.Module
+    backbone: MultiTaskModel
+    head: NewTaskHead
+    optimizer: torch.optim.Optimizer
+    r_dnn: float
+    task: str
+
+    def step_on(self, batch: Batch) -> float:
+        """The step of :mod:`mptrec.pipeline.prompt_tune` on one batch; returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.dmp(batch.dense_features, batch.sparse_features)[self.task]
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.task].to(logits.dtype))
+        if self.r_dnn > 0:
+            loss = loss + self.r_dnn * self.head.l2_penalty()
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+def build_prompt(
+    cfg: RunConfig,
+    schema: dict[str, Any],
+    group: dist.ProcessGroup | None = None,
+    *,
+    method: str = "mptrec",
+    lr: float = 1e-4,
+    seed: int = 0,
+) -> Prompt:
+    """Frozen stage-1 backbone + a fresh new-task head, sharded without any table optimizer."""
+    backbone, features = build_from_config(cfg, schema)
+    torch.manual_seed(seed)
+    head = backbone.new_task_head(NEW_TASK.name, method, tuple(cfg.model.tower_hidden))
+    module = PromptTunedModel(backbone, {NEW_TASK.name: head})
+    sharded = shard_model(module, features, cfg.sharding, None, CPU, group, batch_size=cfg.data.batch_size)
+    inner = unwrap_dmp(sharded.dmp)
+    if not isinstance(inner, PromptTunedModel):
+        raise TypeError(f"expected a PromptTunedModel inside DMP, got {type(inner).__name__}")
+    inner_head = inner.heads[NEW_TASK.name]
+    if not isinstance(inner_head, NewTaskHead):
+        raise TypeError(f"expected a NewTaskHead, got {type(inner_head).__name__}")
+    sharded.dmp.train()
+    opt = torch.optim.Adam(inner_head.parameters(), lr=lr)
+    return Prompt(
+        dmp=sharded.dmp,
+        backbone=inner.backbone,
+        head=inner_head,
+        optimizer=opt,
+        r_dnn=cfg.model.r_dnn,
+        task=NEW_TASK.name,
+    )
+
+
+def scorer(
+    model: MultiTaskModel, autocast: bool = False
+) -> Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]:
+    """``(dense, kjt) -> logits`` for :func:`mptrec.pipeline.evaluate.evaluate` (optionally bf16)."""
+
+    def score(dense: torch.Tensor, kjt: Any) -> dict[str, torch.Tensor]:
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return {k: v.float() for k, v in model(dense, kjt).items()}
+        out: dict[str, torch.Tensor] = model(dense, kjt)
+        return out
+
+    return score

@@ -1,0 +1,288 @@
+"""Markdown tables of a ``mptrec bench`` results JSON (the README embeds ``bench/results.md``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def fmt(stat: Any, digits: int = 0, scale: float = 1.0) -> str:
+    """``median (min-max)`` of a JSON Stat; a plain number as is; n/a for None."""
+    if stat is None:
+        return "n/a"
+    if isinstance(stat, int | float):
+        return f"{stat * scale:,.{digits}f}"
+    med, lo, hi = (stat[k] * scale for k in ("median", "min", "max"))
+    return f"{med:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _error(section: Mapping[str, Any] | None) -> list[str]:
+    if section is None:
+        return ["(not run)", ""]
+    if "error" in section:
+        return [f"**Failed:** `{section['error'][:300]}`", ""]
+    return []
+
+
+def _stage1(res: Mapping[str, Any]) -> list[str]:
+    lines = ["## Stage-1 training throughput (samples/s)", ""]
+    sec = res.get("stage1")
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    rows = []
+    for name, r in sec.items():
+        if "error" in r:
+            rows.append([name, "failed", "", "", "", ""])
+            continue
+        sps = r["samples_per_s"]
+        rows.append(
+            [
+                f"{name} (width {r['embedding_dim']}, batch {r['batch_size']}, D_in {r['d_in']})",
+                fmt(sps["ours"]),
+                fmt(sps["plain"]),
+                fmt(sps["sparse"]),
+                fmt(r["speedup_vs_plain"], 2),
+                fmt(r["speedup_vs_sparse"], 2),
+            ]
+        )
+    lines += _table(
+        [
+            "size",
+            "ours (TorchRec fused EBC + pipeline)",
+            "(a) paper's code",
+            "(b) sparse PyTorch",
+            "ours / (a)",
+            "ours / (b)",
+        ],
+        rows,
+    )
+    first = next(iter(sec.values()))
+    if "references" in first:
+        refs = first["references"]
+        lines += [
+            f"(a): {refs['plain']} (r_emb {refs['r_emb']}). (b): {refs['sparse']}. Ours: fused "
+            f"{first['ours']['embedding_optimizer']} for the tables in backward, Adam for the dense part, "
+            f"pipelined={first['ours']['pipelined']}, r_emb {first['ours']['r_emb']} (the whole-table L2 "
+            "cannot be applied to fused tables). Width 4, not the paper's 5: the fused CPU kernel needs a "
+            "multiple of 4. Median (min-max) over repeats; ratios are per repeat (interleaved).",
+            "",
+        ]
+    return lines
+
+
+def _scaling(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("scaling")
+    lines = ["## 1 vs 2 processes (gloo, paper dims, batch per process)", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    rows = [[name, fmt(r["samples_per_s"])] for name, r in sec["runs"].items()]
+    lines += _table(["configuration", "global samples/s"], rows)
+    return lines + [f"2 vs 1 process (1 thread each): {fmt(sec['speedup_2_vs_1_process'], 2)}x.", ""]
+
+
+def _profile(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("profile")
+    lines = ["## Where the time goes (our stage-1 step, paper dims, torch.profiler)", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    cats = [[c, f"{v['ms_per_step']:.2f}", f"{v['percent']:.1f}"] for c, v in sec["categories"].items()]
+    lines += _table(["category", "ms/step", "%"], cats)
+    ops = [
+        [
+            f"`{o['op'][:70]}`",
+            f"{o['self_ms_per_step']:.2f}",
+            f"{o['percent']:.1f}",
+            f"{o['calls_per_step']:g}",
+        ]
+        for o in sec["top_ops"][:10]
+    ]
+    lines += _table(["top op (self time)", "ms/step", "%", "calls/step"], ops)
+    return lines
+
+
+def _dense(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("dense_speedups")
+    lines = ["## Dense-side speedups (ours, paper dims)", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    rows = []
+    for name, v in sec.items():
+        if "error" in v:
+            rows.append([name, v["kind"], "failed", f"`{v['error'][:80]}`"])
+        else:
+            note = f"compile {v['compile_s']} s" if "compile_s" in v else ""
+            rows.append(
+                [
+                    name,
+                    v["kind"],
+                    fmt(v["samples_per_s"]),
+                    fmt(v["vs_baseline"], 2) + (f"; {note}" if note else ""),
+                ]
+            )
+    lines += _table(["variant", "kind", "samples/s", "vs baseline"], rows)
+    summary = res.get("dense_speedups_summary")
+    if summary:
+        excluded = ", ".join(summary["bf16_excluded_auc_not_shown_to_hold"])
+        lines += [
+            f"Helped (>= {summary['threshold']:.2f}x): {', '.join(summary['helped']) or 'none'}. "
+            f"Did not: {', '.join(summary['did_not_help']) or 'none'}."
+            + (f" Not counted (bf16 AUC not shown to hold): {excluded}." if excluded else ""),
+            "",
+        ]
+    auc = res.get("bf16_auc")
+    if auc and "error" not in auc:
+        aucs = ", ".join(
+            f"{t}: fp32 {auc['auc']['fp32'][t]:.4f} / bf16 {auc['auc']['bf16'][t]:.4f}"
+            for t in auc["auc"]["fp32"]
+            if auc["auc"]["fp32"][t] is not None and auc["auc"]["bf16"][t] is not None
+        )
+        lines += [
+            f"bf16 AUC check ({auc['train_steps']} steps, {auc['valid_rows']:,} validation rows): {aucs}; "
+            f"holds (|delta| <= {auc['tolerance']}): **{_holds(auc)}**.",
+            "",
+        ]
+    return lines
+
+
+def _holds(auc: Mapping[str, Any]) -> str:
+    if auc.get("holds") is None:
+        return f"inconclusive (fp32 AUC below {auc.get('min_learned_auc')}: too few steps)"
+    return "yes" if auc["holds"] else "no"
+
+
+def _loader(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("loader")
+    lines = ["## Loader", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    vb, tb = sec.get("vs_bare"), sec.get("training")
+    rows = []
+    if vb and "error" not in vb:
+        rows += [
+            [f"loader, all {vb['columns']} columns, {vb['num_workers']} workers", fmt(vb["loader"])],
+            ["bare pyarrow read, same columns", fmt(vb["bare_read"])],
+            ["loader / bare read", fmt(vb["fraction"], 2)],
+        ]
+    if tb and "error" not in tb:
+        rows += [
+            [f"loader, training columns, {tb['num_workers']} workers", fmt(tb["loader_alone"])],
+            ["training step alone (in-memory batches)", fmt(tb["step_alone"])],
+        ]
+        for n, st in tb.get("end_to_end_by_workers", {"": tb["end_to_end"]}).items():
+            rows.append([f"training fed by the loader, {n} workers (end to end)", fmt(st)])
+    lines += _table(["measurement", "samples/s"], rows)
+    if tb and "error" not in tb:
+        lines += [f"Bottleneck of a training run: **{tb['bottleneck']}**.", ""]
+    return lines
+
+
+def _new_task(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("new_task")
+    lines = ["## New task cost (T3 = field 301, paper dims)", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    names = {
+        "prompt_tune": "prompt tuning (ours: frozen no-grad backbone + head)",
+        "full_retrain": "full retraining with the new task (ours, 3 tasks)",
+        "paper_prompt": "prompt tuning the paper's way (backbone out of the optimizer only)",
+    }
+    rows = []
+    for key, v in sec["variants"].items():
+        flops = v["forward_flops_per_sample"]
+        train = v["train_step_flops_per_sample"]
+        rows.append(
+            [
+                names.get(key, key),
+                fmt(v["epoch_s"], 2),
+                fmt(v["samples_per_s"]),
+                f"{v['backbone_grad_mib']:.1f}",
+                f"{v['optimizer_state_mib']:.1f}",
+                _mem(v),
+                f"{v['trainable_parameters']:,}",
+                "n/a" if flops is None else f"{flops:,.0f}",
+                "n/a" if train is None else f"{train:,.0f}",
+            ]
+        )
+    lines += _table(
+        [
+            "method",
+            "s/epoch",
+            "samples/s",
+            "backbone grads MiB",
+            "optimizer state MiB",
+            "peak RSS MiB (growth in training)",
+            "trainable params",
+            "fwd FLOPs/sample",
+            "train-step FLOPs/sample",
+        ],
+        rows,
+    )
+    return lines + [
+        f"{sec['rows_per_epoch']:,} rows per epoch. Prompt tuning takes "
+        f"{fmt(sec['time_fraction_of_full'], 3)} of full retraining's time per epoch; the paper's way "
+        f"is {fmt(sec['paper_prompt_vs_ours'], 2)}x slower than ours. FLOPs: one multiply-add = one flop, "
+        "matrix products only; fwd = the trained part's forward (the paper's %FLOPs measure).",
+        "",
+    ]
+
+
+def _mem(v: Mapping[str, Any]) -> str:
+    m = v.get("memory")
+    return "n/a" if not m else f"{m['peak_rss_mib']:,.0f} (+{m['growth_mib']:,.0f})"
+
+
+def _eval(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("eval")
+    lines = ["## Evaluation (scoring + exact AUC)", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    lines += _table(
+        ["part", "rows/s"],
+        [
+            ["scoring", fmt(sec["scoring"])],
+            ["exact metrics (AUC, logloss)", fmt(sec["exact_metrics"])],
+            ["total", fmt(sec["total"])],
+        ],
+    )
+    return lines
+
+
+def _targets(res: Mapping[str, Any]) -> list[str]:
+    t = res.get("targets", {})
+    rows = [
+        [
+            k,
+            "n/a" if v["value"] is None else f"{v['value']:.3g}",
+            v["target"],
+            {True: "met", False: "**not met**", None: "n/a"}[v["met"]],
+        ]
+        for k, v in t.items()
+    ]
+    return ["## Headline figures", ""] + _table(["key", "median", "target", ""], rows)
+
+
+def render(res: Mapping[str, Any]) -> str:
+    """The Markdown report."""
+    m, th = res.get("machine", {}), res.get("threads", {})
+    vers = ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items())
+    lines = [
+        "# mptrec benchmarks" + (" (--quick)" if res.get("quick") else ""),
+        "",
+        f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores ({', '.join(m.get('cpu_flags', []))}); "
+        f"torch threads {th.get('torch_num_threads', '?')}; {vers}.",
+        f"Generated by `{res.get('command', 'mptrec bench')}` on {res.get('created', '?')}; each figure is "
+        f"median (min-max) over {res.get('settings', {}).get('repeats')} repeats. Data: synthetic Ali-CCP "
+        "shards at the real vocabulary sizes (`mptrec data synth --dataset aliccp`).",
+        "",
+    ]
+    for w in res.get("warnings", []):
+        lines += [f"**Warning:** {w}.", ""]
+    for part in (_targets, _stage1, _scaling, _profile, _dense, _loader, _new_task, _eval):
+        lines += part(res)
+    return "\n".join(lines).rstrip() + "\n"
