@@ -1,17 +1,57 @@
-"""``mptrec train``: not built yet (the training issue (#5))."""
+"""``mptrec train``: stage-1 multi-task pre-training (``mptrec.launch.train``), in-process or under torchrun.
+
+Examples::
+
+    mptrec train --config configs/debug.toml --set data.path=runs/debug/data
+    mptrec train --config configs/aliccp_synth.toml --nproc 2
+    mptrec train --config configs/aliccp_synth.toml --nproc 2 --resume
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from mptrec.launch.cli import not_built
+import os
+import subprocess
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mptrec train``."""
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments (not built yet)")
+    parser.add_argument("--config", required=True, help="run config (TOML), e.g. configs/aliccp_synth.toml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (TOML syntax), repeatable: --set train.lr=0.01")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in the run's out_dir (exact resume)")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="N > 1: re-run under torchrun with N local processes (default: this process; "
+                        "world size from the torchrun environment if set, else 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    argv = ["--config", args.config]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.resume:
+        argv.append("--resume")
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec train``."""
-    return not_built("train", "the training issue (#5)")
+    if args.nproc < 0:
+        print(f"mptrec train: --nproc must be >= 0, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1:
+        if "RANK" in os.environ:
+            print("mptrec train: --nproc > 1 inside a torchrun job; drop --nproc", file=sys.stderr)
+            return 2
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", "mptrec.launch.train", *_forwarded(args)]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        return subprocess.call(cmd, env=env)
+    from mptrec.launch.train import main
+
+    return main(_forwarded(args))

@@ -296,6 +296,9 @@ class PromptTuneConfig:
         seed: seed of the new parameters and shuffling.
         max_steps: stop after this many steps (0: no limit).
         r_dnn: L2 weight on the new tower's weight matrices (Eq. 15; negative: the base run's).
+        feature_cache_mib: the frozen backbone's features of the train and validation rows are
+            computed once and kept in memory (exactly what every epoch would recompute) when they
+            fit in this many MiB per process; 0: recompute them every epoch.
     """
 
     name: str
@@ -312,11 +315,12 @@ class PromptTuneConfig:
     seed: int = 2024
     max_steps: int = 0
     r_dnn: float = -1.0
+    feature_cache_mib: int = 4096
 
     def __post_init__(self) -> None:
         TaskSpec(name=self.name, label=self.label)  # same name rules
         _positive(self, "lr", "epochs")
-        _non_negative(self, "patience", "batch_size", "max_steps")
+        _non_negative(self, "patience", "batch_size", "max_steps", "feature_cache_mib")
 
     def task_spec(self) -> TaskSpec:
         """The task as a :class:`TaskSpec`."""

@@ -1,0 +1,531 @@
+"""Stage-1 checkpoints with ``torch.distributed.checkpoint`` (DCP): save, resume, reshard, backbone.
+
+Layout of one checkpoint (``RUN/checkpoints/step-000123/``)::
+
+    .metadata, __<rank>_0.distcp   DCP: {"model": backbone state dict (sharded tables included),
+                                          "optim": CombinedOptimizer state (dense Adam + fused)}
+    em_labels.pt                   EM task labels of the training rows (rank 0)
+    rng-rank<r>.pt                 torch / numpy / python (/ CUDA) RNG states of rank r
+    plan.txt                       the sharding plan that wrote it
+    config.json                    the resolved run config
+    meta.json                      written last: step, epoch, batches consumed in that epoch,
+                                   world size, model name, features, tasks, every backbone
+                                   key's global shape, train state, library versions
+
+Model keys are **backbone-relative** (the keys of the ``MultiTaskModel``'s own
+``state_dict()``, e.g. ``ebc.embedding_bags.t_205.weight``), whatever wraps the model.
+
+Writes are atomic: every rank writes into ``RUN/checkpoints/.tmp-step-N``; after a barrier rank 0
+renames it to ``step-N`` (``os.replace``), points ``best`` (a relative symlink) at it when it is
+the best so far, and deletes all but the last ``train.keep_last`` checkpoints (never the best).
+A multi-node run needs ``out_dir`` on a shared file system.
+
+Loading into a different world size (resharding) is DCP's job: each rank reads the pieces of
+its own shards; tested 2 -> 1 and 1 -> 2 processes (``tests/pipeline/test_checkpoint.py``). RNG
+states are restored only when the world size is unchanged (exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+from mptrec.data_loaders.schema import FeatureSpec
+
+__all__ = [
+    "CheckpointError",
+    "TrainState",
+    "backbone_state_dict",
+    "checkpoint_meta",
+    "find_checkpoints",
+    "latest_checkpoint",
+    "library_versions",
+    "load_backbone",
+    "load_checkpoint",
+    "read_meta",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or incompatible checkpoint; the message names the checkpoint."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands (saved in ``meta.json``).
+
+    Attributes:
+        step: optimizer steps done (global step).
+        epoch: the epoch in progress (0-based); after an epoch ends, the next one.
+        batches_in_epoch: batches of ``epoch`` already trained (the loader position: a resumed
+            run skips that many batches of the epoch, deterministically).
+        best_metric: best sum of validation AUCs so far (None: no validation yet).
+        best_step: step of the best checkpoint.
+        bad_epochs: epochs since the last improvement (early stopping).
+        stopped: early stopping fired.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_epochs: int = 0
+    stopped: bool = False
+
+
+def _rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
+    if _world(group) > 1:
+        dist.barrier(group=group)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of torch, torchrec, FBGEMM and mptrec (``meta.json``)."""
+    out: dict[str, str] = {"torch": str(torch.__version__)}
+    for name, dists in (("torchrec", ("torchrec",)), ("fbgemm", ("fbgemm-gpu-cpu", "fbgemm-gpu")),
+                        ("mptrec", ("mptrec",))):
+        for d in dists:
+            try:
+                out[name] = metadata.version(d)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            out[name] = "unknown"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------
+
+
+def _global_shape(value: Any) -> list[int]:
+    with warnings.catch_warnings():  # ShardedTensor.size() warns that ShardedTensor is deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        size = value.size() if callable(getattr(value, "size", None)) else value.shape
+    return [int(s) for s in size]
+
+
+def backbone_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """The backbone's entries of ``module.state_dict()``, with ``prefix`` stripped.
+
+    Args:
+        module: the backbone itself (``prefix=""``), or a module holding it under ``prefix``
+            (e.g. a DMP-wrapped ``TrainWrapper``: ``prefix="model."``).
+        prefix: where the backbone sits in ``module``.
+
+    Returns:
+        backbone-relative key -> tensor / ShardedTensor (views of the live parameters).
+    """
+    sd = module.state_dict()
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def checkpoint_meta(model_name: str, features: Sequence[FeatureSpec], task_names: Sequence[str],
+                    backbone: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity of a model, as compared on resume and by :func:`load_backbone`."""
+    return {
+        "model": model_name,
+        "features": [{"name": f.name, "kind": f.kind, "num_embeddings": f.num_embeddings,
+                      "embedding_dim": f.embedding_dim} for f in features],
+        "tasks": list(task_names),
+        "shapes": {k: _global_shape(v) for k, v in backbone.items()},
+    }
+
+
+def _describe(ident: Mapping[str, Any]) -> str:
+    feats = [f["name"] for f in ident.get("features", [])]
+    return f"model {ident.get('model')!r} with tasks {ident.get('tasks')} and features {feats}"
+
+
+def check_compatible(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any],
+                     *, backbone_only: bool = False) -> None:
+    """Raise :class:`CheckpointError` naming both sides when ``saved`` cannot load into ``current``.
+
+    Args:
+        path: the checkpoint (for the message).
+        saved: ``meta.json`` of the checkpoint.
+        current: :func:`checkpoint_meta` of the model being loaded into.
+        backbone_only: the current model may hold extra keys (new-task heads); tasks may differ.
+    """
+    problems = []
+    if saved.get("model") != current.get("model"):
+        problems.append(f"model {saved.get('model')!r} != {current.get('model')!r}")
+    if saved.get("features") != current.get("features"):
+        problems.append("features (names, vocabulary sizes or widths) differ")
+    if not backbone_only and saved.get("tasks") != current.get("tasks"):
+        problems.append(f"tasks {saved.get('tasks')} != {current.get('tasks')}")
+    s_shapes, c_shapes = saved.get("shapes", {}), current.get("shapes", {})
+    missing = sorted(set(s_shapes) - set(c_shapes))
+    extra = sorted(set(c_shapes) - set(s_shapes))
+    if missing:
+        problems.append(f"keys missing from the model: {missing[:5]}")
+    if extra and not backbone_only:
+        problems.append(f"keys not in the checkpoint: {extra[:5]}")
+    bad = [k for k in set(s_shapes) & set(c_shapes) if list(s_shapes[k]) != list(c_shapes[k])]
+    if bad:
+        k = sorted(bad)[0]
+        problems.append(f"shape of {k!r}: {s_shapes[k]} in the checkpoint, {c_shapes[k]} in the model")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit: it holds {_describe(saved)}; this run builds "
+            f"{_describe(current)}: " + "; ".join(problems)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Finding checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def find_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Complete checkpoints (``meta.json`` present) of a run, by step."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and not p.is_symlink() and (p / "meta.json").is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint with the highest step, or None."""
+    found = find_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] = "best") -> Path:
+    """``best``, ``last``, a name under ``RUN/checkpoints`` (``step-000123``) or a path -> folder.
+
+    Raises:
+        CheckpointError: no such complete checkpoint (the message lists the available ones).
+    """
+    root = Path(run_dir) / "checkpoints"
+    name = str(checkpoint)
+    path: Path | None
+    if name == "last":
+        path = latest_checkpoint(run_dir)
+    elif (root / name).exists():
+        path = root / name
+    else:
+        path = Path(name)
+    if path is None or not (path / "meta.json").is_file():
+        have = [p.name for _, p in find_checkpoints(run_dir)] + (["best"] if (root / "best").exists() else [])
+        raise CheckpointError(f"checkpoint {name!r} of run {run_dir} not found or incomplete "
+                              f"(no meta.json); available: {have or 'none'}")
+    return path
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint folder."""
+    p = Path(path) / "meta.json"
+    try:
+        meta: dict[str, Any] = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: missing; {path} is not a complete checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike[str],
+    *,
+    module: nn.Module,
+    prefix: str,
+    optimizer: Any,
+    state: TrainState,
+    identity: Mapping[str, Any],
+    em_labels: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
+    plan_text: str = "",
+    keep_last: int = 2,
+    is_best: bool = False,
+    metric: Mapping[str, Any] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Write ``RUN/checkpoints/step-<state.step>`` atomically (collective).
+
+    Args:
+        run_dir: the run folder.
+        module: the (DMP-wrapped) module whose ``state_dict()`` holds the backbone.
+        prefix: where the backbone sits in ``module``'s keys (``"model."`` for a TrainWrapper).
+        optimizer: a KeyedOptimizer (``CombinedOptimizer``) with a keyed ``state_dict()``.
+        state: the train state to record.
+        identity: :func:`checkpoint_meta` of the model.
+        em_labels: ``EMLabelStore.state_dict()`` or None.
+        config: the resolved run config (JSON-able).
+        plan_text: the sharding plan.
+        keep_last: step checkpoints to keep (at least 1), besides the best.
+        is_best: point ``checkpoints/best`` at this one.
+        metric: validation metrics recorded with it.
+        group: process group.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / "checkpoints"
+    name = f"step-{state.step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    rank = _rank(group)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier(group)
+    dcp.save({"model": backbone_state_dict(module, prefix), "optim": optimizer.state_dict()},
+             checkpoint_id=tmp, process_group=group)
+    torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
+    _barrier(group)
+    if rank == 0:
+        if em_labels is not None:
+            torch.save(dict(em_labels), tmp / "em_labels.pt")
+        (tmp / "plan.txt").write_text(plan_text)
+        (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n")
+        meta = {"format": FORMAT_VERSION, **identity, "step": state.step, "epoch": state.epoch,
+                "batches_in_epoch": state.batches_in_epoch, "world_size": _world(group),
+                "train_state": asdict(state), "metric": dict(metric) if metric else None,
+                "versions": library_versions(), "created": datetime.now(UTC).isoformat(timespec="seconds")}
+        _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+        _publish(root, tmp, final, is_best, keep_last)
+    _barrier(group)
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, is_best: bool, keep_last: int) -> None:
+    """Rename the finished checkpoint into place, repoint ``best``, prune old ones (rank 0)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if is_best:
+        link = root / ".best.tmp"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(final.name, target_is_directory=True)
+        os.replace(link, root / "best")
+    _prune(root, keep_last)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    best = root / "best"
+    best_target = os.path.realpath(best) if best.is_symlink() else None
+    steps = find_checkpoints(root.parent)
+    for _, path in steps[:-max(1, keep_last)]:
+        if best_target is not None and os.path.realpath(path) == best_target:
+            continue
+        shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` restored besides the tensors."""
+
+    path: Path
+    meta: dict[str, Any]
+    state: TrainState
+    em_labels: dict[str, Any] | None = None
+    rng_restored: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _init_lazy_states(optimizer: Any) -> None:
+    """Create the state of every non-fused keyed optimizer that has none yet (a zero-gradient step)."""
+    parts = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else [("", optimizer)]
+    for _, opt in parts:
+        if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
+            opt.init_state()
+            opt.zero_grad()
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    module: nn.Module,
+    prefix: str,
+    optimizer: Any,
+    identity: Mapping[str, Any],
+    restore_rng: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> LoadedCheckpoint:
+    """Restore model, optimizers, train state, EM labels and (same world size) RNG states.
+
+    Collective. Checks the checkpoint's model identity first (:func:`check_compatible`).
+
+    Args:
+        path: checkpoint folder.
+        module: the (DMP-wrapped) module holding the backbone under ``prefix``.
+        prefix: where the backbone sits in ``module``'s keys.
+        optimizer: the ``CombinedOptimizer`` to restore; the lazy states of its non-fused parts
+            (Adam, ...) are created first (``init_state``) so that DCP can load into them.
+        identity: :func:`checkpoint_meta` of the current model.
+        restore_rng: restore this rank's RNG states when the world size is unchanged.
+        group: process group.
+
+    Returns:
+        A :class:`LoadedCheckpoint`.
+    """
+    ckpt = Path(path)
+    meta = read_meta(ckpt)
+    check_compatible(ckpt, meta, identity)
+    _init_lazy_states(optimizer)
+    backbone = backbone_state_dict(module, prefix)
+    sd: dict[str, Any] = {"model": backbone, "optim": optimizer.state_dict()}
+    dcp.load(sd, checkpoint_id=ckpt, process_group=group)
+    result = module.load_state_dict({prefix + k: v for k, v in sd["model"].items()}, strict=False)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise CheckpointError(f"{ckpt}: keys {unexpected[:5]} do not belong to the model")
+    optimizer.load_state_dict(sd["optim"])
+    loaded = LoadedCheckpoint(path=ckpt, meta=meta, state=TrainState(**meta["train_state"]))
+    if (ckpt / "em_labels.pt").is_file():
+        loaded.em_labels = torch.load(ckpt / "em_labels.pt", weights_only=True)
+    rng_file = ckpt / f"rng-rank{_rank(group)}.pt"
+    if restore_rng and meta.get("world_size") == _world(group) and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+        loaded.rng_restored = True
+    elif restore_rng:
+        loaded.notes.append(f"RNG states not restored: checkpoint written by {meta.get('world_size')} "
+                            f"process(es), this run has {_world(group)} (resharded, not an exact resume)")
+    return loaded
+
+
+def load_backbone(
+    run_dir: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    prefix: str = "",
+    model_name: str | None = None,
+    features: Sequence[FeatureSpec] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """Load ONLY a stage-1 backbone's weights into ``model`` (which may hold extra modules).
+
+    For the registry / prompt-tuning / evaluation stages. ``model`` may be
+
+    - the backbone itself (``prefix=""``), unsharded (its EBC materialised on CPU/GPU, e.g.
+      ``build_ebc(features, device)``) or sharded (a DMP around it, any world size / plan);
+    - a module holding the backbone under ``prefix`` (e.g. ``PromptTunedModel`` with the
+      backbone at ``backbone.``: ``prefix="backbone."``), possibly DMP-wrapped. Its other keys
+      (new-task heads) are left untouched: only the checkpoint's backbone keys are requested
+      from DCP, which would otherwise fail on the missing ones (pytorch#148252).
+
+    Optimizer states, EM labels and RNG states are not loaded. Collective when ``model`` is
+    sharded (call it on every rank).
+
+    Args:
+        run_dir: the stage-1 run folder.
+        checkpoint: ``"best"``, ``"last"``, ``"step-000123"`` or a checkpoint folder path.
+        model: the module to load into.
+        prefix: where the backbone's keys sit in ``model.state_dict()`` (with a trailing dot).
+        model_name: when given, must equal the checkpoint's model name.
+        features: when given, must equal the checkpoint's features (names, sizes, widths).
+        group: process group (default: the world, when initialised).
+
+    Returns:
+        The checkpoint's ``meta.json`` plus ``"path"`` (str): step, epoch, tasks, features, metric.
+
+    Raises:
+        CheckpointError: checkpoint missing, another model, a backbone key absent from ``model``
+            or with another shape (the message names the key and both shapes).
+    """
+    path = resolve_checkpoint(run_dir, checkpoint)
+    meta = read_meta(path)
+    target = model.state_dict()
+    wanted = {k: target.get(prefix + k) for k in meta["shapes"]}
+    current = {"model": model_name if model_name is not None else meta["model"],
+               "features": ([{"name": f.name, "kind": f.kind, "num_embeddings": f.num_embeddings,
+                              "embedding_dim": f.embedding_dim} for f in features]
+                            if features is not None else meta["features"]),
+               "tasks": meta["tasks"],
+               "shapes": {k: _global_shape(v) for k, v in wanted.items() if v is not None}}
+    check_compatible(path, meta, current, backbone_only=True)
+    sd = {"model": wanted}
+    dcp.load(sd, checkpoint_id=path, process_group=group)
+    result = model.load_state_dict({prefix + k: v for k, v in sd["model"].items()}, strict=False)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise CheckpointError(f"{path}: keys {unexpected[:5]} were not accepted by {type(model).__name__}")
+    return {**meta, "path": str(path)}

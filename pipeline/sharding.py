@@ -1,0 +1,422 @@
+"""All of the distribution of a model in one place: planner, sharders, DMP, optimizers in backward.
+
+This is the only module of the project that imports ``torchrec.distributed``. It turns a
+single-device module holding ``EmbeddingBagCollection`` s (built on the meta device by
+:mod:`mptrec.pipeline.build`) into a ``DistributedModelParallel`` and builds its optimizers:
+
+- **Sharding types.** On CPU (gloo) TorchRec offers only ``table_wise`` and ``column_wise``
+  (fused kernel) and ``data_parallel`` (dense kernel); row-wise and the hybrids are CUDA-only
+  (``../shared/stack.md``). Default on CPU: ``table_wise`` + ``column_wise``; on CUDA the planner
+  chooses among all of them. ``[sharding]`` in the run config narrows the choice for every
+  table or per table (:class:`mptrec.pipeline.config.ShardingConfig`).
+- **Embedding width.** The fused kernel needs a width that is a multiple of 4; a table that
+  may be served by it with another width is an error naming the feature, raised before
+  planning.
+- **Embedding optimizer** (``train.embedding_optimizer``), fused into backward: row-wise
+  Adagrad, Adagrad or SGD on CPU; Adam only on CUDA (FBGEMM's CPU kernel has none).
+- **Dense optimizer**: Adam (``train.lr``) over every parameter that has no in-backward
+  optimizer, as a ``KeyedOptimizerWrapper``, combined with ``dmp.fused_optimizer`` in one
+  ``CombinedOptimizer`` (the object the train pipeline steps and the checkpoint saves).
+  ``data_parallel`` tables (dense kernel, replicated, gradients all-reduced by TorchRec) get
+  the embedding optimizer as a third, non-fused ``KeyedOptimizerWrapper`` (``dp_tables``).
+- **Table initialisation.** DMP initialises each local shard with the table's ``init_fn`` on
+  the process's global RNG, so the values depend on the plan and the world size. After
+  sharding, :func:`init_embedding_tables` overwrites every table with N(0, 1) values (spec
+  Eq. 1: PyTorch's default embedding initialisation) drawn from per-(table, row block)
+  generators seeded from ``train.seed``: the same logical table on any plan and world size.
+
+Example (one process; see ``tests/pipeline/test_sharding.py``)::
+
+    sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, torch.device("cpu"))
+    loss, _ = sharded.dmp(batch)
+    loss.backward()
+    sharded.optimizer.step()
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torchrec.optim as trec_optim
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.comm import get_local_size
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    PlannerError,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.pipeline.config import ShardingConfig, TrainConfig
+
+__all__ = [
+    "CPU_SHARDING_TYPES",
+    "EMBEDDING_OPTIMIZERS",
+    "ShardedModel",
+    "ShardingError",
+    "allowed_sharding_types",
+    "check_embedding_widths",
+    "embedding_optimizer",
+    "init_embedding_tables",
+    "plan_sharding",
+    "plan_to_text",
+    "shard_model",
+    "table_name",
+    "unwrap_dmp",
+]
+
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel")
+DEFAULT_CPU_SHARDING_TYPES = ("table_wise", "column_wise")
+EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+    "adam": trec_optim.Adam,
+}
+_CUDA_ONLY_OPTIMIZERS = ("adam",)
+_INIT_BLOCK_ROWS = 4096
+_TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.(t_.+)\.weight$")
+
+
+class ShardingError(ValueError):
+    """The tables cannot be sharded as configured; the message names the feature or the setting."""
+
+
+def table_name(feature: str) -> str:
+    """Name of the embedding table of a sparse feature (one table per feature)."""
+    return f"t_{feature}"
+
+
+@dataclass
+class ShardedModel:
+    """A sharded module and its optimizers.
+
+    Attributes:
+        dmp: the ``DistributedModelParallel``; ``unwrap_dmp(dmp)`` is the original module with
+            its embedding collections replaced by sharded ones.
+        optimizer: dense Adam + fused embedding optimizer (``CombinedOptimizer``); ``None``
+            when sharded without a ``TrainConfig`` (frozen / inference use).
+        dense_optimizer: the dense part alone (``KeyedOptimizerWrapper``) or ``None``.
+        plan: the sharding plan.
+        plan_text: the plan as printed and saved (``RUN/plan.txt``).
+    """
+
+    dmp: DistributedModelParallel
+    optimizer: CombinedOptimizer | None
+    dense_optimizer: KeyedOptimizerWrapper | None
+    plan: ShardingPlan
+    plan_text: str
+
+
+def unwrap_dmp(dmp: nn.Module) -> nn.Module:
+    """The module wrapped by DMP (without DDP), whose state-dict keys the checkpoints use."""
+    if isinstance(dmp, DistributedModelParallel):
+        return dmp.module
+    return dmp
+
+
+def allowed_sharding_types(feature: str, sharding_cfg: ShardingConfig, device_type: str) -> list[str] | None:
+    """Sharding types the planner may use for one feature's table.
+
+    Args:
+        feature: sparse feature name.
+        sharding_cfg: the run's ``[sharding]`` table.
+        device_type: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The list of sharding types, or ``None`` for "any" (CUDA without constraints).
+
+    Raises:
+        ShardingError: a CUDA-only sharding type is asked for on CPU (naming the feature).
+    """
+    types: tuple[str, ...] = sharding_cfg.sharding_types
+    for c in sharding_cfg.constraints:
+        if c.feature == feature:
+            types = c.sharding_types
+    if not types:
+        return list(DEFAULT_CPU_SHARDING_TYPES) if device_type == "cpu" else None
+    if device_type == "cpu":
+        bad = [t for t in types if t not in CPU_SHARDING_TYPES]
+        if bad:
+            raise ShardingError(
+                f"feature {feature!r}: sharding type(s) {bad} need CUDA; on CPU TorchRec offers only "
+                f"{list(CPU_SHARDING_TYPES)} (set sharding.sharding_types / sharding.constraints)"
+            )
+    return list(types)
+
+
+def _check_constraint_features(features: Sequence[FeatureSpec], sharding_cfg: ShardingConfig) -> None:
+    sparse = {f.name for f in features if f.kind == "sparse"}
+    unknown = [c.feature for c in sharding_cfg.constraints if c.feature not in sparse]
+    if unknown:
+        raise ShardingError(
+            f"sharding.constraints name feature(s) {unknown} that are not sparse model inputs; "
+            f"sparse features: {sorted(sparse)}"
+        )
+
+
+def _uses_fused_kernel(types: list[str] | None) -> bool:
+    return types is None or any(t != "data_parallel" for t in types)
+
+
+def check_embedding_widths(
+    features: Sequence[FeatureSpec], sharding_cfg: ShardingConfig, device_type: str
+) -> None:
+    """Refuse widths the fused kernel cannot serve, naming the feature (before any planning).
+
+    Raises:
+        ShardingError: a table that may use the fused kernel has a width not divisible by 4.
+    """
+    for f in features:
+        if f.kind != "sparse":
+            continue
+        types = allowed_sharding_types(f.name, sharding_cfg, device_type)
+        if _uses_fused_kernel(types) and f.embedding_dim % 4 != 0:
+            raise ShardingError(
+                f"feature {f.name!r} has embedding_dim {f.embedding_dim}, but the fused TorchRec/FBGEMM "
+                "embedding kernel needs a multiple of 4 (e.g. the paper's Ali-CCP width 5 -> 4 or 8): "
+                "set features.embedding_dim (or a [[features.overrides]] entry), or constrain this "
+                "table to data_parallel (dense kernel) with [[sharding.constraints]]"
+            )
+
+
+def embedding_optimizer(
+    train_cfg: TrainConfig, device_type: str
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The fused embedding optimizer class and its keyword arguments.
+
+    Raises:
+        ShardingError: ``adam`` on CPU (FBGEMM's CPU kernel has no fused Adam).
+    """
+    name = train_cfg.embedding_optimizer
+    if name in _CUDA_ONLY_OPTIMIZERS and device_type != "cuda":
+        raise ShardingError(
+            f"train.embedding_optimizer = {name!r} needs CUDA: the fused CPU kernel offers only "
+            "rowwise_adagrad, adagrad and sgd"
+        )
+    return EMBEDDING_OPTIMIZERS[name], {"lr": train_cfg.embedding_lr}
+
+
+def _collections(module: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, EmbeddingBagCollection)]
+    if not found:
+        raise ShardingError(f"{type(module).__name__} holds no EmbeddingBagCollection to shard")
+    return found
+
+
+def _constraints(
+    features: Sequence[FeatureSpec], sharding_cfg: ShardingConfig, device_type: str
+) -> dict[str, ParameterConstraints]:
+    out: dict[str, ParameterConstraints] = {}
+    for f in features:
+        if f.kind != "sparse":
+            continue
+        types = allowed_sharding_types(f.name, sharding_cfg, device_type)
+        if types is None:
+            continue
+        kernels = ["dense"] if types == ["data_parallel"] else ["fused", "dense"]
+        out[table_name(f.name)] = ParameterConstraints(
+            sharding_types=types,
+            compute_kernels=kernels if device_type == "cpu" else None,
+            pooling_factors=[2.0 if f.multivalent else 1.0],
+        )
+    return out
+
+
+def plan_sharding(
+    module: nn.Module,
+    features: Sequence[FeatureSpec],
+    sharding_cfg: ShardingConfig,
+    device: torch.device,
+    pg: dist.ProcessGroup,
+    *,
+    batch_size: int = 512,
+    sharders: Sequence[ModuleSharder[nn.Module]] | None = None,
+) -> ShardingPlan:
+    """Plan the sharding of every ``EmbeddingBagCollection`` in ``module`` (collective).
+
+    Raises:
+        ShardingError: bad widths or types (before planning), or a plan the planner cannot
+            produce for this world size (the message names the world size and the device).
+    """
+    _check_constraint_features(features, sharding_cfg)
+    check_embedding_widths(features, sharding_cfg, device.type)
+    world_size = dist.get_world_size(pg)
+    local = get_local_size(world_size)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size,
+                                     local_world_size=local if world_size % local == 0 else world_size),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size,
+        constraints=_constraints(features, sharding_cfg, device.type),
+    )
+    # Like planner.collective_plan (plan on rank 0, broadcast), but a planner error reaches
+    # every rank as a ShardingError instead of leaving the other ranks in the broadcast.
+    outcome: list[Any] = [None]
+    if dist.get_rank(pg) == 0:
+        try:
+            outcome = [("ok", planner.plan(module, list(sharders or [EmbeddingBagCollectionSharder()])))]
+        except PlannerError as e:
+            outcome = [("error", str(e))]
+    dist.broadcast_object_list(outcome, group=pg, group_src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise ShardingError(
+            f"the sharding planner cannot serve world size {world_size} on {device.type} with "
+            f"{sum(f.kind == 'sparse' for f in features)} tables: {value}"
+        )
+    plan: ShardingPlan = value
+    return plan
+
+
+def plan_to_text(plan: ShardingPlan) -> str:
+    """The plan as a human-readable table (printed on rank 0, saved as ``plan.txt``)."""
+    return str(plan).strip() + "\n"
+
+
+def shard_model(
+    module: nn.Module,
+    features: Sequence[FeatureSpec],
+    sharding_cfg: ShardingConfig,
+    train_cfg: TrainConfig | None,
+    device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+    *,
+    seed: int | None = None,
+    batch_size: int = 512,
+) -> ShardedModel:
+    """Shard ``module``'s embedding collections with DMP and build its optimizers (collective).
+
+    Args:
+        module: a module holding one or more ``EmbeddingBagCollection`` built on the meta device
+            (tables named ``t_<feature>``), e.g. a :class:`~mptrec.pipeline.train_task.TrainWrapper`.
+        features: the model's features (widths, names).
+        sharding_cfg: allowed sharding types.
+        train_cfg: embedding optimizer, learning rates and seed; ``None`` shards without any
+            optimizer (no optimizer in backward, no dense optimizer: a frozen or inference model).
+        device: compute device (CPU or ``cuda:LOCAL_RANK``).
+        pg: process group (default: the world; it must be initialised, also for one process).
+        seed: seed of the table initialisation (default ``train_cfg.seed``, else 0).
+        batch_size: per-rank batch size, for the planner's cost estimates.
+
+    Returns:
+        The :class:`ShardedModel`.
+    """
+    group = pg if pg is not None else dist.GroupMember.WORLD
+    if group is None or not dist.is_initialized():
+        raise RuntimeError("shard_model needs an initialised process group (launch.dist.init_distributed)")
+    collections = _collections(module)
+    if train_cfg is not None:
+        opt_cls, opt_kwargs = embedding_optimizer(train_cfg, device.type)
+        for _, ebc in collections:
+            apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
+    sharders: list[ModuleSharder[nn.Module]] = [EmbeddingBagCollectionSharder()]  # type: ignore[list-item]
+    plan = plan_sharding(module, features, sharding_cfg, device, group, batch_size=batch_size,
+                         sharders=sharders)
+    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(group), device=device,
+                                   plan=plan, sharders=sharders)
+    init_embedding_tables(dmp, features, seed if seed is not None else (train_cfg.seed if train_cfg else 0))
+    optimizer: CombinedOptimizer | None = None
+    dense: KeyedOptimizerWrapper | None = None
+    if train_cfg is not None:
+        lr = train_cfg.lr
+        plain = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+        # data_parallel tables (dense kernel) are plain replicated parameters that DMP leaves to
+        # the caller's optimizer: give them the embedding optimizer, not the dense Adam
+        dp_tables = {k: v for k, v in plain.items() if _TABLE_KEY.search(k)}
+        dense_params = {k: v for k, v in plain.items() if k not in dp_tables}
+        dense = KeyedOptimizerWrapper(dense_params, lambda params: torch.optim.Adam(params, lr=lr))
+        parts: list[Any] = [("embeddings", dmp.fused_optimizer), ("dense", dense)]
+        if dp_tables:
+            opt_cls, opt_kwargs = embedding_optimizer(train_cfg, device.type)
+            dp_opt = KeyedOptimizerWrapper(dp_tables, lambda ps: opt_cls(ps, **opt_kwargs))
+            parts.append(("dp_tables", dp_opt))
+        optimizer = CombinedOptimizer(parts)
+    return ShardedModel(dmp=dmp, optimizer=optimizer, dense_optimizer=dense, plan=plan,
+                        plan_text=plan_to_text(plan))
+
+
+# --------------------------------------------------------------------------------------------
+# Plan-independent table initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def _block_seed(seed: int, table: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{table}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def table_init_values(seed: int, table: str, rows: tuple[int, int], cols: tuple[int, int],
+                      embedding_dim: int) -> torch.Tensor:
+    """N(0, 1) values of ``table[rows[0]:rows[1], cols[0]:cols[1]]``, independent of the plan.
+
+    Rows are drawn in blocks of 4096 from generators seeded by (seed, table, block), so any
+    shard of the table gets the values the whole table would have.
+    """
+    r0, r1 = rows
+    c0, c1 = cols
+    out = torch.empty(r1 - r0, c1 - c0)
+    first, last = r0 // _INIT_BLOCK_ROWS, (max(r1, r0 + 1) - 1) // _INIT_BLOCK_ROWS
+    for block in range(first, last + 1):
+        b0 = block * _INIT_BLOCK_ROWS
+        g = torch.Generator().manual_seed(_block_seed(seed, table, block))
+        values = torch.randn(_INIT_BLOCK_ROWS, embedding_dim, generator=g)
+        lo, hi = max(r0, b0), min(r1, b0 + _INIT_BLOCK_ROWS)
+        if hi > lo:
+            out[lo - r0:hi - r0] = values[lo - b0:hi - b0, c0:c1]
+    return out
+
+
+def _local_pieces(value: Any) -> Iterable[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]:
+    if isinstance(value, ShardedTensor):
+        for shard in value.local_shards():
+            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            yield shard.tensor, (r0, r0 + nr), (c0, c0 + nc)
+    elif isinstance(value, torch.Tensor) and value.dim() == 2:
+        yield value, (0, value.shape[0]), (0, value.shape[1])
+    else:
+        raise ShardingError(f"unexpected embedding table state of type {type(value).__name__}")
+
+
+def init_embedding_tables(module: nn.Module, features: Sequence[FeatureSpec], seed: int) -> None:
+    """Overwrite every ``t_<feature>`` table with plan-independent N(0, 1) values.
+
+    Works on a DMP (sharded tables: each rank fills its local shards) or a plain module.
+    """
+    dims = {table_name(f.name): f.embedding_dim for f in features if f.kind == "sparse"}
+    state = module.state_dict()
+    touched = {}
+    with torch.no_grad():
+        for key, value in state.items():
+            m = _TABLE_KEY.search(key)
+            if not m or m.group(1) not in dims:
+                continue
+            table = m.group(1)
+            for tensor, rows, cols in _local_pieces(value):
+                tensor.copy_(table_init_values(seed, table, rows, cols, dims[table]).to(tensor.device,
+                                                                                        tensor.dtype))
+            touched[key] = value
+    missing = sorted(set(dims) - {_TABLE_KEY.search(k).group(1) for k in touched})  # type: ignore[union-attr]
+    if missing:
+        raise ShardingError(f"tables {missing} were not found in the model's state dict")
+    # through the module's load hooks, so kernels that cache rows see the new values
+    module.load_state_dict(touched, strict=False)

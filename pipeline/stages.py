@@ -1,0 +1,212 @@
+"""Stage 1, ``pretrain(cfg)``: check inputs, build, shard, (resume,) train, checkpoint.
+
+Everything that can be wrong with the inputs is checked before the first step: the shards'
+schema (``schema.json``), every configured feature and label column (``ConfigError`` /
+``DataError`` naming them), the shards' columns and types (``ShardDataset``), the embedding
+widths and sharding types (``ShardingError``), the plan for this world size, and on resume the
+checkpoint's model identity (``CheckpointError`` naming both models).
+
+Run folder (``cfg.out_dir``)::
+
+    config.json      the resolved config (rank 0)
+    plan.txt         the sharding plan (also printed at start and saved with each checkpoint)
+    metrics.jsonl    see mptrec.pipeline.metrics_log
+    checkpoints/     step-NNNNNN/ (DCP + meta.json), best -> step-NNNNNN
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mptrec.data_loaders.batch import Batch
+from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
+from mptrec.data_loaders.layout import read_schema
+from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.pipeline.build import build_from_config
+from mptrec.pipeline.checkpoint import (
+    CheckpointError,
+    TrainState,
+    backbone_state_dict,
+    checkpoint_meta,
+    find_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+)
+from mptrec.pipeline.config import ConfigError, RunConfig, write_resolved
+from mptrec.pipeline.em import EMLabelStore
+from mptrec.pipeline.loop import TrainContext, Trainer, TrainResult
+from mptrec.pipeline.metrics_log import MetricsLogger
+from mptrec.pipeline.sharding import shard_model
+from mptrec.pipeline.train_task import TrainWrapper
+
+__all__ = ["ShardData", "count_batches", "pretrain"]
+
+
+def count_batches(ds: ShardDataset, epoch: int, num_workers: int) -> int:
+    """Batches ``ds`` yields on this rank in ``epoch`` (an upper bound under ``on_error="skip"``).
+
+    Row groups skipped under ``on_error="skip"`` make this an over-estimate; the training loop's
+    per-step guard ends the epoch on every rank then.
+    """
+    return ds.num_batches(num_workers, epoch)
+
+
+class ShardData:
+    """The run's data on this rank, as the loop's :class:`~mptrec.pipeline.loop.DataSource`.
+
+    Iterators are created under ``torch.random.fork_rng``: a DataLoader draws a worker base seed
+    from the global RNG, which would otherwise shift the dropout stream of a resumed run.
+    """
+
+    def __init__(self, cfg: RunConfig, features: list[FeatureSpec], rank: int, world_size: int,
+                 device: torch.device) -> None:
+        d = cfg.data
+        labels = [t.label_spec() for t in cfg.tasks]
+
+        def dataset(split: str, shuffle: bool) -> ShardDataset:
+            return ShardDataset(d.path, split, features=features, labels=labels, batch_size=d.batch_size,
+                                rank=rank, world_size=world_size, shuffle=shuffle,
+                                shuffle_buffer=d.shuffle_buffer if shuffle else 0, seed=cfg.train.seed,
+                                oov_policy=d.oov_policy, on_error=d.on_error, max_rows=d.max_rows)
+
+        self.num_workers = d.num_workers
+        self.pin_memory = device.type == "cuda"
+        self.train_ds = dataset(d.train_split, d.shuffle)
+        self.ordered_ds = dataset(d.train_split, False)
+        self.valid_ds = dataset(d.valid_split, False) if d.valid_split else None
+
+    def _iterate(self, ds: ShardDataset) -> Iterator[Batch]:
+        with torch.random.fork_rng(devices=[]):
+            if self.num_workers == 0:
+                return iter(ds)
+            return iter(make_dataloader(ds, self.num_workers, pin_memory=self.pin_memory))
+
+    def train(self, epoch: int) -> Iterable[Batch]:
+        """Training batches of ``epoch``."""
+        self.train_ds.set_epoch(epoch)
+        return self._iterate(self.train_ds)
+
+    def num_train_batches(self, epoch: int) -> int:
+        """Batches of :meth:`train` on this rank."""
+        return count_batches(self.train_ds, epoch, self.num_workers)
+
+    def train_in_order(self) -> Iterable[Batch]:
+        """This rank's training rows, unshuffled (EM)."""
+        return self._iterate(self.ordered_ds)
+
+    def valid(self) -> Iterable[Batch] | None:
+        """Validation batches, or None without a validation split."""
+        return self._iterate(self.valid_ds) if self.valid_ds is not None else None
+
+
+def _check_config(cfg: RunConfig) -> None:
+    if cfg.model.r_emb > 0:
+        raise ConfigError(
+            f"model.r_emb = {cfg.model.r_emb}: the whole-table L2 term cannot be applied to tables "
+            "trained by a fused optimizer in backward (it would touch every row at every step); set "
+            "model.r_emb = 0 (a documented deviation from the paper, see the README)"
+        )
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> Path:
+    run_dir = Path(cfg.out_dir)
+    if not resume and find_checkpoints(run_dir):
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints ({find_checkpoints(run_dir)[-1][1].name}, ...): pass "
+            "--resume to continue that run, or choose another out_dir (--set out_dir=...)"
+        )
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(cfg, run_dir / "config.json")
+    return run_dir
+
+
+def pretrain(
+    cfg: RunConfig,
+    *,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+    group: dist.ProcessGroup | None = None,
+    on_step: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
+) -> TrainResult:
+    """Stage 1: multi-task pre-training of ``cfg.model`` on ``cfg.data`` (collective).
+
+    Args:
+        cfg: the run config.
+        device: this process's device (from ``launch.dist.init_distributed``).
+        resume: continue from the last checkpoint in ``cfg.out_dir`` (exactly, when the world
+            size is unchanged); without one, start fresh (a message says so).
+        progress: progress bars on rank 0.
+        verbose: messages on rank 0 (the plan, resume, validation AUCs, EM cluster sizes).
+        group: process group (default: the world; must be initialised, also for one process).
+        on_step: callback ``(step, parts)`` after every step (tests).
+
+    Returns:
+        The :class:`~mptrec.pipeline.loop.TrainResult`.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("pretrain needs an initialised process group "
+                           "(mptrec.launch.dist.init_distributed)")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    _check_config(cfg)
+    schema = read_schema(cfg.data.path)
+    model, features = build_from_config(cfg, schema)
+    data = ShardData(cfg, features, rank, world, device)  # checks the shards' columns and types
+    em_store = None
+    if model.uses_em:
+        rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
+        em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=device)
+    wrapper = TrainWrapper(model, em_store)
+    sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, device, group,
+                          batch_size=cfg.data.batch_size)
+    run_dir = _prepare_run_dir(cfg, resume, rank)
+    if rank == 0:
+        (run_dir / "plan.txt").write_text(sharded.plan_text)
+        if verbose:
+            print(f"sharding plan ({world} process(es), {device.type}):\n{sharded.plan_text}",
+                  file=sys.stderr)
+    identity = checkpoint_meta(cfg.model.name, features, cfg.task_names,
+                               backbone_state_dict(sharded.dmp, "model."))
+    state, logger = _resume(cfg, run_dir, resume, sharded, identity, em_store, rank, verbose, group)
+    ctx = TrainContext(cfg=cfg, run_dir=run_dir, dmp=sharded.dmp, wrapper=wrapper,
+                       optimizer=sharded.optimizer, data=data, device=device, identity=identity,
+                       plan_text=sharded.plan_text, em_store=em_store, logger=logger, rank=rank,
+                       world_size=world, progress=progress, verbose=verbose, group=group)
+    try:
+        return Trainer(ctx, state, on_step=on_step).fit()
+    finally:
+        logger.close()
+
+
+def _resume(cfg: RunConfig, run_dir: Path, resume: bool, sharded: Any, identity: Mapping[str, Any],
+            em_store: EMLabelStore | None, rank: int, verbose: bool,
+            group: dist.ProcessGroup | None) -> tuple[TrainState, MetricsLogger]:
+    logger = MetricsLogger(run_dir, enabled=rank == 0)
+    path = latest_checkpoint(run_dir) if resume else None
+    if path is None:
+        if resume and rank == 0 and verbose:
+            print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from scratch",
+                  file=sys.stderr)
+        return TrainState(), logger
+    loaded = load_checkpoint(path, module=sharded.dmp, prefix="model.", optimizer=sharded.optimizer,
+                             identity=identity, group=group)
+    if em_store is not None:
+        if loaded.em_labels is None:
+            raise CheckpointError(f"{path}: no em_labels.pt, but {cfg.model.name} trains on EM labels")
+        em_store.load_state_dict(loaded.em_labels)
+    logger.truncate_after(loaded.state.step)
+    if rank == 0 and verbose:
+        notes = "".join(f"\n  note: {n}" for n in loaded.notes)
+        print(f"resumed from {path} (step {loaded.state.step}, epoch {loaded.state.epoch + 1}, "
+              f"{loaded.state.batches_in_epoch} batches into it){notes}", file=sys.stderr)
+    return loaded.state, logger
