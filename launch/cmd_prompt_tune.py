@@ -1,17 +1,80 @@
-"""``mptrec prompt-tune``: not built yet (the task-registry issue (#6))."""
+"""``mptrec prompt-tune``: stage 2, train a registered new task on the frozen stage-1 model.
+
+Examples::
+
+    mptrec tasks register --run runs/aliccp --task-config configs/tasks/aliccp_scenario.toml
+    mptrec prompt-tune --run runs/aliccp --task scenario
+    mptrec prompt-tune --run runs/aliccp --task scenario --nproc 2 --set epochs=5
+    mptrec prompt-tune --run runs/aliccp --task scenario --compare-full
+
+``--nproc N`` (N > 1) runs ``mptrec.launch.prompt_tune`` under torchrun. ``--compare-full``
+also trains the stage-1 model from scratch with the task added (same data and epochs as
+stage 1, same number of processes) and records wall time, peak memory and the old tasks' AUC
+change next to the prompt-tuning figures; both jobs then run as child processes so their peak
+memory is measured alike.
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from mptrec.launch.cli import not_built
+import os
+import subprocess
+import sys
+import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mptrec prompt-tune``."""
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments (not built yet)")
+    parser.add_argument("--run", required=True, help="stage-1 run directory (with tasks.json)")
+    parser.add_argument("--task", required=True, help="registered new task (mptrec tasks register)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the registered task config, repeatable: --set epochs=3")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="N > 1: run under torchrun with N local processes (default: one process)")
+    parser.add_argument("--compare-full", action="store_true",
+                        help="also measure full retraining with the task added (slow: trains stage 1 again)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    argv = ["--run-dir", args.run, "--task", args.task]  # torchrun reads "--run" as its --run-path
+    for item in args.overrides:
+        argv += ["--set", item]
+    return argv + (["--no-progress"] if args.no_progress else [])
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec prompt-tune``."""
-    return not_built("prompt-tune", "the task-registry issue (#6)")
+    if args.nproc < 0:
+        print(f"mptrec prompt-tune: --nproc must be >= 0, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and "RANK" in os.environ:
+        print("mptrec prompt-tune: --nproc > 1 inside a torchrun job; drop --nproc", file=sys.stderr)
+        return 2
+    if args.nproc > 1 or args.compare_full:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"] \
+            if args.nproc > 1 else []
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        cmd = [sys.executable, *launcher, "-m", "mptrec.launch.prompt_tune", *_forwarded(args)]
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, env=env)
+        process_wall = time.perf_counter() - t0
+    else:
+        from mptrec.launch.prompt_tune import main
+
+        rc = main(_forwarded(args))
+    if rc != 0 or not args.compare_full:
+        return rc
+    import json
+
+    from mptrec.pipeline.efficiency import compare_full
+    from mptrec.pipeline.registry import RegistryError
+
+    try:
+        result = compare_full(args.run, args.task, max(1, args.nproc), progress=not args.no_progress,
+                              stage2_process_wall_s=process_wall)
+    except (RegistryError, RuntimeError) as e:
+        print(f"mptrec prompt-tune --compare-full: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,61 @@
+"""Efficiency measurement helpers: FLOPs convention, parameter counts, memory, clock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from mptrec.pipeline.efficiency import EpochClock, peak_rss_mib, ratio
+
+
+def test_ratio() -> None:
+    assert ratio(1, 4) == 0.25 and ratio(1, 0) is None
+
+
+def test_peak_rss_grows_with_allocation_and_children() -> None:
+    before = peak_rss_mib()
+    assert before > 10
+    code = "import numpy as np; a = np.ones(80 * 2**20 // 8); a += 1"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert peak_rss_mib(children=True) >= 80
+
+
+def test_epoch_clock_summary() -> None:
+    clock = EpochClock()
+    for _ in range(2):
+        with clock.epoch():
+            time.sleep(0.01)
+        with clock.evaluation():
+            pass
+    s = clock.summary()
+    assert s["epochs_run"] == 2 and len(s["epoch_wall_s"]) == 2
+    assert s["wall_s_per_epoch"] >= 0.01 and s["train_wall_s"] >= 0.02
+    assert s["job_wall_s"] >= s["train_wall_s"]
+
+
+def test_full_retrain_config_adds_the_new_task() -> None:
+    from mptrec.pipeline.config import DataConfig, PromptTuneConfig, RunConfig, TaskSpec
+    from mptrec.pipeline.efficiency import full_retrain_config
+
+    tasks = (TaskSpec("ctr", "click"), TaskSpec("cvr", "purchase"))
+    run = RunConfig(name="r", data=DataConfig(path="d"), tasks=tasks)
+    new = PromptTuneConfig(name="scen", label="301", positive_values=(1, 3))
+    cfg = full_retrain_config(run, new, "out/x")
+    assert cfg.task_names == ["ctr", "cvr", "scen"] and cfg.tasks[2].positive_values == (1, 3)
+    assert cfg.out_dir == "out/x" and cfg.train == run.train and cfg.data == run.data
+
+
+def test_comparison_ratios_and_negative_transfer() -> None:
+    from mptrec.pipeline.efficiency import comparison
+
+    eff = {"train_wall_s": 3.0, "eval_wall_s": 0.5, "feature_cache_wall_s": 0.5, "epochs_run": 4,
+           "peak_rss_mib": 500.0, "trainable_params": 100, "full_model_params": 10_000}
+    full = {"loop_wall_s": 20.0, "loop_wall_s_per_epoch": 5.0, "peak_rss_mib": 400.0, "epochs_run": 4,
+            "world_size": 2, "best": {"auc": {"ctr": 0.70, "cvr": 0.75, "scen": 0.8}}}
+    out = comparison(eff, full, {"ctr": 0.72, "cvr": None}, "scen", 0.78)
+    assert out["stage2_loop_wall_s"] == 4.0 and out["wall_ratio"] == 0.2
+    assert out["wall_per_epoch_ratio"] == 0.2
+    change = out["old_task_auc_change"]
+    assert abs(change["ctr"] - (-0.02)) < 1e-12 and change["cvr"] is None
+    assert out["new_task_auc_full"] == 0.8 and out["new_task_auc_prompt_tuned"] == 0.78
