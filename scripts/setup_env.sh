@@ -12,7 +12,7 @@ case "$device" in
 esac
 py="${PYTHON:-python3}"
 stamp=.venv/.mptrec-stamp
-want="$device $(cat "$req" setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$device $(cat "$req" requirements/nodeps.txt setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
   echo "setup_env: .venv is up to date ($device)"
   exit 0
@@ -24,7 +24,7 @@ fi
 echo "setup_env: installing $req (device=$device); this takes about a minute on a fresh machine"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "${index_args[@]}" -r "$req"
-.venv/bin/python -m pip install -q --no-deps torchrec==1.8.0
+.venv/bin/python -m pip install -q --no-deps -r requirements/nodeps.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 .venv/bin/python -c "import torch, torchrec, fbgemm_gpu, mptrec.models; print('setup_env: torch', torch.__version__, '| torchrec', torchrec.__version__)"
 echo "$want" > "$stamp"
