@@ -21,7 +21,7 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mptrec eval``."""
-    parser.add_argument("--run", required=True,
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
                         help="stage-1 run directory (config.json, checkpoints/, tasks.json)")
     parser.add_argument("--checkpoint", default="best",
                         help="best | last | a checkpoint name | a path (default: best)")

@@ -25,7 +25,9 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mptrec prompt-tune``."""
-    parser.add_argument("--run", required=True, help="stage-1 run directory (with tasks.json)")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="stage-1 run directory (with tasks.json); --run-dir is the same option, "
+                        "safe after torchrun (which reads --run as its own --run-path)")
     parser.add_argument("--task", required=True, help="registered new task (mptrec tasks register)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the registered task config, repeatable: --set epochs=3")

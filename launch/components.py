@@ -180,7 +180,7 @@ def prompt_tune(
         name: {experiment}/{run} name; the run part defaults to the component name.
         debug: set PyTorch's distributed debug variables (NCCL_DESYNC_DEBUG, ...).
     """
-    args = ["prompt-tune", "--run", run, "--task", task, *_mptrec_overrides(set)]
+    args = ["prompt-tune", "--run-dir", run, "--task", task, *_mptrec_overrides(set)]
     return _mptrec_job(
         "prompt-tune", args, j=j, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env,
         max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, name=name, debug=debug,
@@ -233,7 +233,7 @@ def evaluate(
         name: {experiment}/{run} name; the run part defaults to the component name.
         debug: set PyTorch's distributed debug variables (NCCL_DESYNC_DEBUG, ...).
     """
-    cli = ["eval", "--run", run, "--checkpoint", checkpoint]
+    cli = ["eval", "--run-dir", run, "--checkpoint", checkpoint]
     for flag, value in (("--out", out), ("--data", data), ("--split", split)):
         if value:
             cli += [flag, value]

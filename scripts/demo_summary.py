@@ -28,10 +28,10 @@ def main(out: str) -> int:
     for name, entry in registry["tasks"].items():
         eff = entry.get("efficiency") or {}
         if entry.get("role") == "prompt_tuned" and eff.get("trainable_params"):
-            share = eff["trainable_params"] / eff["total_params"] if eff.get("total_params") else None
             print(f"new task '{name}': {eff['trainable_params']:,} trainable of "
-                  f"{eff.get('total_params', 0):,} parameters"
-                  + (f" ({100 * share:.3f}%)" if share is not None else ""))
+                  f"{eff['full_model_params']:,} parameters of the full three-task model "
+                  f"({100 * eff['trainable_fraction']:.3f}%), {100 * eff['flops_fraction']:.1f}% of its "
+                  f"forward FLOPs, {eff['wall_s_per_epoch']:.2f} s per epoch")
     times = (root / "stage_times.tsv").read_text().strip().splitlines()
     print("stage times:")
     for line in times:

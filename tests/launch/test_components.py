@@ -83,18 +83,19 @@ def test_prompt_tune_args() -> None:
     assert role.name == "prompt-tune"
     opts, cli = _split(role.args[1])
     assert opts["--nproc_per_node"] == "4"
-    assert cli == ["prompt-tune", "--run", "runs/census", "--task", "education", "--set", "train.epochs=3"]
+    assert cli == ["prompt-tune", "--run-dir", "runs/census", "--task", "education",
+                   "--set", "train.epochs=3"]
 
 
 def test_evaluate_args_with_and_without_options() -> None:
     _, cli = _split(_role(evaluate(run="runs/a")).args[1])
-    assert cli == ["eval", "--run", "runs/a", "--checkpoint", "best"]
+    assert cli == ["eval", "--run-dir", "runs/a", "--checkpoint", "best"]
     role = _role(evaluate("--user-field", "101", run="runs/a", out="e.json", checkpoint="step-000100",
                           data="/d/aliccp", split="valid", set=["data.batch_size=16384"], j="1x4"))
     assert role.name == "evaluate"
     opts, cli = _split(role.args[1])
     assert opts["--nproc_per_node"] == "4"
-    assert cli == ["eval", "--run", "runs/a", "--checkpoint", "step-000100", "--out", "e.json",
+    assert cli == ["eval", "--run-dir", "runs/a", "--checkpoint", "step-000100", "--out", "e.json",
                    "--data", "/d/aliccp", "--split", "valid", "--set", "data.batch_size=16384",
                    "--user-field", "101"]
 
@@ -272,7 +273,7 @@ def test_cli_default_scheduler_is_local_cwd_and_components_lint_clean() -> None:
     assert "loaded configs from" in r.stderr
     printed = re.sub(r"['\"]\s*\n\s*['\"]", "", r.stdout)  # rejoin pformat's split string literals
     assert f"'cwd': '{REPO}'" in printed and "'role_params': { 'prompt-tune'" in printed
-    assert "--nproc_per_node 2 --tee 3 --role '' -m mptrec.launch.cli prompt-tune --run runs/census " \
+    assert "--nproc_per_node 2 --tee 3 --role '' -m mptrec.launch.cli prompt-tune --run-dir runs/census " \
            "--task education" in printed
 
 
