@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROOT=${ROOT:-runs/census-repro$([[ "${QUICK:-0}" == 1 ]] && echo -quick)}
+ROOT=${ROOT:-runs/census-repro$([[ "${QUICK:-0}" == 1 ]] && echo -quick || true)}
 SEEDS=${SEEDS:-"1685480945 1685463909 1685477428"}
 CENSUS_FILE=${CENSUS_FILE:-../shared/data/census/census-income.test.dev.data.gz}
 LAUNCH=${LAUNCH:-.venv/bin/mptrec}
@@ -70,7 +70,7 @@ for seed in $SEEDS; do
   data="$ROOT/data-s$seed"
   # 1. Parquet shards (train-only vocabulary and scaling), split with this seed.
   if [[ ! -f "$data/schema.json" ]]; then
-    run "$LAUNCH" data convert census --input "$CENSUS_FILE" --split train=0.8,valid=0.1,test=0.1 \
+    run "$LAUNCH" data convert --format census --input "$CENSUS_FILE" --split train=0.8,valid=0.1,test=0.1 \
       --seed "$seed" --out "$data"
   fi
   for model in single_task shared_bottom mmoe ple mptrec; do
