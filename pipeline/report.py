@@ -14,9 +14,10 @@ What is read from each run directory (only ``config.json`` and ``eval.json`` are
   ``label_<task>`` / ``logit_<task>`` columns, relative to the run directory or absolute).
 - ``RUN/tasks.json`` (optional): the task registry ``{"base": {...}, "tasks": {name: {"role":
   "pretrained" | "prompt_tuned", "method", "metrics": {...}, "efficiency": {...}}}}``. Assumed
-  ``efficiency`` keys: ``trainable_params``; ``trainable_fraction`` (of the full (K+1)-task
-  model) or else ``total_params`` as the denominator; ``flops_trained`` (per sample);
-  ``flops_fraction`` or else ``flops_full`` as the denominator. A missing figure prints "-".
+  ``efficiency`` keys (as ``mptrec prompt-tune`` writes them): ``trainable_params``;
+  ``trainable_fraction`` (of the full (K+1)-task model) or else ``full_model_params`` as the
+  denominator; ``flops_per_sample_trained``; ``flops_fraction`` or else
+  ``flops_per_sample_full`` as the denominator. A missing figure prints "-".
   A new task's AUC is taken from ``eval.json`` (exact, the evaluated split); when the task is
   not in it, from the registry's ``metrics.test_auc`` and marked with a dagger.
 - ``RUN/metrics.jsonl`` (optional), one JSON object a line: training lines
@@ -248,12 +249,12 @@ def table3(runs: Sequence[RunRecord]) -> str:
         mark = " †" if any(e["from_registry"] for e in entries) else ""
         dagger |= bool(mark)
         eff = entries[0]["efficiency"]
-        pfrac = _fraction(eff, "trainable_fraction", "trainable_params", "total_params")
-        ffrac = _fraction(eff, "flops_fraction", "flops_trained", "flops_full")
+        pfrac = _fraction(eff, "trainable_fraction", "trainable_params", "full_model_params")
+        ffrac = _fraction(eff, "flops_fraction", "flops_per_sample_trained", "flops_per_sample_full")
         rows.append([task, method, approach, str(len(entries)), _fmt_ms(_mean_std(aucs)) + mark,
                      _human(_num(eff.get("trainable_params"))),
                      "-" if pfrac is None else f"{100 * pfrac:.2f}%",
-                     _human(_num(eff.get("flops_trained"))),
+                     _human(_num(eff.get("flops_per_sample_trained"))),
                      "-" if ffrac is None else f"{100 * ffrac:.2f}%"])
     if not rows:
         return "No prompt-tuned task in the runs' task registries (`RUN/tasks.json`)."

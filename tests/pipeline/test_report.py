@@ -44,7 +44,8 @@ def make_run(root: Path, name: str, model: str, seed: int, aucs: dict[str, float
 
 EDU = {"education": {"role": "prompt_tuned", "method": "mptrec", "metrics": {"test_auc": 0.5},
                      "efficiency": {"trainable_params": 27000, "trainable_fraction": 0.093,
-                                    "flops_trained": 7.0e6, "flops_full": 8.0e7}}}
+                                    "flops_per_sample_trained": 7.0e6,
+                                    "flops_per_sample_full": 8.0e7}}}
 METRICS = [
     {"step": 10, "epoch": 0, "loss": 0.9, "losses": {"income": 0.5}, "lr": 1e-3, "samples_per_s": 1e4},
     {"step": 20, "epoch": 0, "loss": 0.7, "losses": {"income": 0.4}, "lr": 1e-3, "samples_per_s": 1e4},
