@@ -3,7 +3,10 @@
 Work is split by row group: the split's row groups (in file order, cut at ``max_rows``) are
 optionally permuted with a generator seeded by ``(seed, epoch)``, then dealt round-robin to
 the ``world_size * num_workers`` readers, so every row is read exactly once per epoch across
-all ranks and DataLoader workers. Rank and world size are arguments; nothing is read from the
+all ranks and DataLoader workers. With ``shuffle``, each row group's rows are also read in a
+permuted order, seeded by ``(seed, epoch, shard file, row group)`` (the same on any number of
+ranks and workers, so an epoch's batches can be re-created for an exact resume); without it,
+rows come in file order. Rank and world size are arguments; nothing is read from the
 environment. The epoch and the skip counters live in shared memory, so they reach (and come
 back from) DataLoader workers. Ranks may get a different number of batches.
 
@@ -30,9 +33,10 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -45,7 +49,9 @@ from mptrec.data_loaders.to_batch import (
     OOV_POLICIES,
     SAMPLE_ID_COLUMN,
     RowSlice,
+    Segment,
     check_table,
+    gather_arrays,
     table_to_arrays,
 )
 
@@ -60,6 +66,14 @@ class _Unit:
     row_group: int
     first_row: int
     rows: int
+
+
+#: A table read and the order its rows are still to be read in (None: all, in table order).
+_Pending: TypeAlias = "tuple[pa.Table, npt.NDArray[np.int64] | None]"
+
+
+def _num_rows(pending: Sequence[_Pending]) -> int:
+    return sum(t.num_rows if order is None else int(order.shape[0]) for t, order in pending)
 
 
 def _type_ok(t: pa.DataType, kind: str) -> bool:
@@ -81,8 +95,10 @@ class ShardDataset(IterableDataset[Batch]):
         batch_size: rows per batch.
         rank: this process's rank.
         world_size: number of ranks.
-        shuffle: permute row groups every epoch (seeded by ``seed`` and the epoch).
-        shuffle_buffer: with ``shuffle``, also permute rows within buffers of this many rows.
+        shuffle: every epoch, permute the row groups and the rows inside each row group
+            (seeded by ``seed``, the epoch and, for rows, the shard file and row group).
+        shuffle_buffer: with ``shuffle``, also permute rows across row groups, within buffers
+            of this many rows.
         seed: shuffling seed.
         oov_policy: ids >= a table's size: ``error``, ``hash`` or ``clip``.
         on_error: ``raise`` a :class:`DataError` on bad input, or ``skip`` (count, log).
@@ -246,7 +262,7 @@ class ShardDataset(IterableDataset[Batch]):
         return sum(u.rows for u in self.units)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch (reseeds the row-group permutation and the shuffle buffer).
+        """Set the epoch (reseeds the row-group permutation, the row orders and the shuffle buffer).
 
         The value lives in shared memory, so DataLoader workers (persistent or not) see it when
         the next epoch's iteration starts.
@@ -266,11 +282,22 @@ class ShardDataset(IterableDataset[Batch]):
             units = [units[i] for i in order]
         return units[reader::readers]
 
-    def _my_units(self) -> tuple[list[_Unit], int]:
+    def row_order(self, unit: _Unit, epoch: int) -> npt.NDArray[np.int64]:
+        """The order in which ``unit``'s rows are read in ``epoch`` under ``shuffle``.
+
+        A permutation of ``range(unit.rows)`` seeded by ``(seed, epoch, shard file, row group)``
+        only: it does not depend on the rank, the worker or the world size, so an epoch's
+        batches can be re-created (exact resume). The trailing 2 keeps this stream apart from
+        the row-group permutation's and the shuffle buffer's.
+        """
+        rng = np.random.default_rng([self.seed, epoch, unit.file, unit.row_group, 2])
+        return rng.permutation(unit.rows).astype(np.int64, copy=False)
+
+    def _my_units(self, epoch: int) -> tuple[list[_Unit], int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         readers = self.world_size * workers
-        return self._units_of(self.rank * workers + worker, readers, self.epoch), worker
+        return self._units_of(self.rank * workers + worker, readers, epoch), worker
 
     def num_batches(self, num_workers: int, epoch: int | None = None) -> int:
         """Batches this rank yields in ``epoch`` (default: the current one) with ``num_workers``.
@@ -316,45 +343,82 @@ class ShardDataset(IterableDataset[Batch]):
         return table.append_column(SAMPLE_ID_COLUMN, pa.array(ids))
 
     def _batches(
-        self, pending: list[pa.Table], rng: np.random.Generator | None, final: bool
-    ) -> Iterator[RowSlice | pa.Table]:
+        self, pending: list[_Pending], rng: np.random.Generator | None, final: bool
+    ) -> Iterator[RowSlice | list[_Pending]]:
         """Decode buffered tables once and cut them into batches.
 
-        When not ``final``, the rows short of a whole batch come back last, as a table to buffer.
+        Each pending table comes with the order its rows are read in (None: table order; under
+        ``shuffle``, :meth:`row_order`); with ``rng`` (the shuffle buffer) all pending rows are
+        permuted once more. When not ``final``, the last item is what stays pending: the rows
+        short of a whole batch, in read order.
         """
-        table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
-        if rng is not None:
-            table = table.take(pa.array(rng.permutation(table.num_rows)))
-        n = table.num_rows
+        n = _num_rows(pending)
         full = n if final else n - n % self.batch_size
+        block: pa.Table | list[Segment]
+        rest: list[_Pending] = []
+        if not self.shuffle:  # file order
+            table = pa.concat_tables([t for t, _ in pending]) if len(pending) > 1 else pending[0][0]
+            block = table.slice(0, full)
+            rest = [(table.slice(full), None)] if full < n else []
+        elif rng is None:  # each row group in its own order: gathered from the tables as read
+            block, left = [], full
+            for t, order in pending:
+                rows = np.arange(t.num_rows, dtype=np.int64) if order is None else order
+                if left:
+                    block.append((t, rows[:left]))
+                if left < rows.shape[0]:  # only the last table: fewer rows than a batch were left
+                    rest.append((t, rows[left:]))
+                left = max(0, left - rows.shape[0])
+        else:  # shuffle buffer: every pending row permuted once more
+            table = pa.concat_tables([t for t, _ in pending]) if len(pending) > 1 else pending[0][0]
+            parts, start = [], 0
+            for t, order in pending:
+                parts.append(np.arange(start, start + t.num_rows) if order is None else order + start)
+                start += t.num_rows
+            rows = np.concatenate(parts)[rng.permutation(n)]
+            block = [(table, rows[:full])]
+            rest = [(self._take(table, rows[full:]), None)] if full < n else []
         if full:
-            arrays = table_to_arrays(
-                table.slice(0, full),
-                self.features,
-                self.labels,
-                oov_policy=self.oov_policy,
-                where=f"{self.data_dir} split {self.split!r}",
-                checked=True,
-            )
+            where = f"{self.data_dir} split {self.split!r}"
+            if isinstance(block, list):
+                arrays = gather_arrays(
+                    block, self.features, self.labels, oov_policy=self.oov_policy, where=where, checked=True
+                )
+            else:
+                arrays = table_to_arrays(
+                    block, self.features, self.labels, oov_policy=self.oov_policy, where=where, checked=True
+                )
             for piece in arrays.row_slices(self.batch_size):
                 if piece.num_rows == self.batch_size or not self.drop_last:
                     yield piece
         if not final:
-            yield table.slice(full)
+            yield rest
+
+    @staticmethod
+    def _take(table: pa.Table, rows: npt.NDArray[np.int64]) -> pa.Table:
+        """``table.take(rows)``, on the rows' range only (Arrow's take concatenates the chunks)."""
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        return table.slice(lo, hi - lo).take(pa.array(rows - lo))
 
     def iter_slices(self) -> Iterator[RowSlice]:
-        """This reader's batches for the current epoch, as row slices of decoded blocks."""
-        units, worker = self._my_units()
+        """This reader's batches for the current epoch, as row slices of decoded blocks.
+
+        Under ``shuffle``, the reader's row groups come in the epoch's order and the rows of
+        each in :meth:`row_order`, then (``shuffle_buffer``) are permuted once more within the
+        buffer.
+        """
+        epoch = self.epoch
+        units, worker = self._my_units(epoch)
         buffered = self.shuffle and self.shuffle_buffer > 0
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1]) if buffered else None
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1]) if buffered else None
         target = max(self.batch_size, self.shuffle_buffer) if buffered else self.batch_size
-        pending: list[pa.Table] = []
+        pending: list[_Pending] = []
         rows = 0
         for unit in units:
             table = self._read(unit)
             if table is None:
                 continue
-            pending.append(table)
+            pending.append((table, self.row_order(unit, epoch) if self.shuffle else None))
             rows += table.num_rows
             if rows < target:
                 continue
@@ -362,7 +426,7 @@ class ShardDataset(IterableDataset[Batch]):
                 if isinstance(item, RowSlice):
                     yield item
                 else:
-                    pending, rows = ([item], item.num_rows) if item.num_rows else ([], 0)
+                    pending, rows = item, _num_rows(item)
         if rows:
             yield from (
                 item for item in self._batches(pending, rng, final=True) if isinstance(item, RowSlice)

@@ -228,6 +228,33 @@ class PlantedModel:
         own = sum(self.buy_eff[f][cols[f]] for f in ("207", "124", "216"))
         return np.asarray(0.6 * parts["shared"] + own + parts["buy_inter"])
 
+    def input_probs(self, cols: Mapping[str, Any], parts: Mapping[str, F]) -> dict[str, F]:
+        """The planted probabilities as seen without the user id 101 and field 301 (not inputs).
+
+        The user's own click effect (``click_eff["101"]``, N(0, 0.25^2) per user) is integrated
+        out with the probit approximation ``E[sigmoid(a + s Z)] ~ sigmoid(a / sqrt(1 + pi s^2 / 8))``
+        and 301 is summed out with its conditional probabilities. The hashed user crosses
+        (509/702/853) and the behaviour lists still reveal part of the user, so a model can do
+        somewhat better than these probabilities: their AUC is a lower bound of the best AUC
+        reachable from the inputs, and ``bayes_auc`` (every planted effect) the upper bound.
+        """
+        var_user = 0.25 ** 2
+        e_user = self.click_eff["101"][cols["101"]]
+        shared = parts["shared"] - e_user
+
+        def smooth(logit: F, scale: float) -> F:
+            return _sigmoid(logit / np.sqrt(1.0 + np.pi * scale ** 2 * var_user / 8.0))
+
+        t3 = -0.5 * (shared - self.shared_mean) / self.shared_std + sum(
+            self.t3_eff[f][cols[f]] for f in ("122", "129", "206", "207"))
+        p2 = smooth(self.t0 + t3, 0.5 / self.shared_std)
+        p3 = (1.0 - p2) * _sigmoid(self.t3_eff["125"][cols["125"]])
+        p_value = {1: 1.0 - p2 - p3, 2: p2, 3: p3}
+        click = sum(pv * smooth(self.c0 + shared + self.scenario_click[v], 1.0) for v, pv in p_value.items())
+        own = sum(self.buy_eff[f][cols[f]] for f in ("207", "124", "216"))
+        q = smooth(self.q0 + 0.6 * shared + own + parts["buy_inter"], 0.6)
+        return {"click": np.asarray(click), "purchase": np.asarray(click * q), "301": 1.0 - p2}
+
     def block(self, seed: int, index: int, n: int) -> tuple[dict[str, Any], dict[str, F]]:
         """Rows of block ``index``: columns (labels included) and planted probabilities."""
         rng = np.random.default_rng([seed, 1, index])
@@ -239,7 +266,8 @@ class PlantedModel:
         click = rng.random(n) < p_click
         cols["click"] = click.astype(np.int8)
         cols["purchase"] = (click & (rng.random(n) < q)).astype(np.int8)
-        return cols, {"click": p_click, "purchase": p_click * q, "301": p_not2}
+        seen = {f"{k}@inputs": v for k, v in self.input_probs(cols, parts).items()}
+        return cols, {"click": p_click, "purchase": p_click * q, "301": p_not2, **seen}
 
 
 def _table(cols: Mapping[str, Any], schema: pa.Schema) -> pa.Table:
@@ -292,10 +320,13 @@ def generate_aliccp(
     ]
     probs, labels, positives = _write_blocks(model, seed, rows, bounds, writers)
     splits_meta = {w.split: w.close() for w in writers}
-    bayes, realized = {}, {}
+    bayes, realized, seen = {}, {}, {}
     for k in probs:
         p_all = np.concatenate(probs[k]).astype(np.float64)
         y_all = np.concatenate(labels[k]).astype(np.float64)
+        if k.endswith("@inputs"):
+            seen[k.removesuffix("@inputs")] = round(auc(p_all, y_all, 1.0 - y_all), 6)
+            continue
         bayes[k] = round(auc(p_all, p_all, 1.0 - p_all, self_pairs=True), 6)
         realized[k] = round(auc(p_all, y_all, 1.0 - y_all), 6)
     vocab = {**ALICCP_VOCAB_SIZES, **ALICCP_ASSUMED_VOCAB_SIZES}
@@ -323,12 +354,16 @@ def generate_aliccp(
         stats=stats,
         bayes_auc=bayes,
         bayes_auc_realized=realized,
+        bayes_auc_inputs=seen,
         synth=settings,
         sources=[],
         notes=f"Synthetic Ali-CCP (planted model, see mptrec.data_loaders.synth). Real AITM "
         f"vocabulary sizes; assumed sizes for {sorted(ALICCP_ASSUMED_VOCAB_SIZES)}. bayes_auc: expected AUC "
         f"of the planted probabilities (label '301' means 301 != 2), on the first {AUC_ROWS:,} rows; "
-        "bayes_auc_realized: AUC of the planted probabilities against the drawn labels.",
+        "bayes_auc_realized: AUC of the planted probabilities against the drawn labels; "
+        "bayes_auc_inputs: AUC against the drawn labels of the planted probabilities with the "
+        "user's own effect (101) and field 301 integrated out, as a model without those inputs "
+        "sees them (a lower bound of the best reachable AUC; bayes_auc is the upper bound).",
     )
     result["labels"]["301"] = {"values": [1, 2, 3]}
     write_schema(out, result)
@@ -340,8 +375,9 @@ def _write_blocks(
 ) -> tuple[dict[str, list[F]], dict[str, list[npt.NDArray[np.int8]]], npt.NDArray[np.int64]]:
     """Generate every block, route its rows to the split writers; keep probabilities for the AUCs."""
     schema = writers[0].schema
-    probs: dict[str, list[F]] = {"click": [], "purchase": [], "301": []}
-    labels: dict[str, list[npt.NDArray[np.int8]]] = {"click": [], "purchase": [], "301": []}
+    keys = ("click", "purchase", "301")
+    probs: dict[str, list[F]] = {k: [] for k in (*keys, *(f"{k}@inputs" for k in keys))}
+    labels: dict[str, list[npt.NDArray[np.int8]]] = {k: [] for k in probs}
     positives = np.zeros((len(writers), 3), dtype=np.int64)
     with tqdm(total=rows, desc="synth aliccp", unit="rows", unit_scale=True) as bar:
         for b, start in enumerate(range(0, rows, BLOCK)):
@@ -353,6 +389,7 @@ def _write_blocks(
                 "purchase": cols["purchase"],
                 "301": (cols["301"] != 2).astype(np.int8),
             }
+            y.update({f"{k}@inputs": y[k] for k in keys})
             if start < AUC_ROWS:
                 for k in probs:
                     probs[k].append(p[k][: AUC_ROWS - start])

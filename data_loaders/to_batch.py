@@ -327,6 +327,130 @@ def table_to_arrays(
     )
 
 
+def list_rows_index(
+    lengths: npt.NDArray[Any], rows: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Where the values of ``rows`` of a list column lie in its flattened values.
+
+    Vectorised (no per-row Python).
+
+    Args:
+        lengths: per-row list lengths (all rows of the column).
+        rows: the rows wanted, in the order wanted (any order, repeats allowed).
+
+    Returns:
+        The wanted rows' lengths, and the index into the flattened values that gives their
+        values, row after row (``np.take(flat, index)``).
+    """
+    starts = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    new_lengths = lengths[rows].astype(np.int64, copy=False)
+    new_starts = np.zeros(rows.shape[0] + 1, dtype=np.int64)
+    np.cumsum(new_lengths, out=new_starts[1:])
+    total = int(new_starts[-1])
+    # output position i of row k reads flattened position i + delta[k]: build it as the cumsum
+    # of steps, 1 within a row and delta[k] - delta[k - 1] + 1 where row k starts (empty rows
+    # start where the next one does: np.add.at sums their steps)
+    delta = starts[:-1][rows] - new_starts[:-1]
+    step = np.ones(total + 1, dtype=np.int64)
+    np.add.at(step, new_starts[:-1], np.diff(delta, prepend=0))
+    step[0] -= 1
+    index = step[:total]
+    np.cumsum(index, out=index)
+    return new_lengths, index
+
+
+#: Rows of a table to convert: the table and the row indices, in the order wanted.
+Segment: TypeAlias = "tuple[Table, npt.NDArray[np.int64]]"
+
+
+def gather_arrays(
+    segments: Sequence[Segment],
+    features: Sequence[FeatureSpec],
+    labels: Sequence[LabelSpec],
+    *,
+    oov_policy: OovPolicy = "error",
+    where: str = "table",
+    checked: bool = False,
+) -> BatchArrays:
+    """Like :func:`table_to_arrays` of ``concat(table.take(rows) for table, rows in segments)``.
+
+    The rows are gathered straight from each table's columns into the output arrays (one
+    ``np.take`` per column and table, list columns through :func:`list_rows_index`): no table
+    is concatenated or permuted first, and no per-row Python runs.
+
+    Args:
+        segments: (table, rows) pairs, in output order; the tables have the same columns.
+        features: features in declared order.
+        labels: labels.
+        oov_policy: see :func:`fix_ids`.
+        where: location for error messages.
+        checked: :func:`check_table` already ran with ``oov_policy="error"`` (skip the id check).
+
+    Returns:
+        The arrays.
+    """
+    sizes = [int(rows.shape[0]) for _, rows in segments]
+    n = sum(sizes)
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
+    dense_specs = [f for f in features if f.kind == "dense"]
+    sparse_specs = [f for f in features if f.kind == "sparse"]
+    dense = np.empty((n, len(dense_specs)), dtype=np.float32)
+    y = np.empty((len(labels), n), dtype=np.float32)
+    sample_ids = np.empty(n, dtype=np.int64)
+    lengths = np.ones(n * len(sparse_specs), dtype=np.int32)
+    # per key, per segment: (flat ids, index into them); lengths of multi-valued keys filled here
+    sources: list[list[tuple[npt.NDArray[Any], npt.NDArray[np.int64]]]] = []
+    for k, f in enumerate(sparse_specs):
+        parts = []
+        for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
+            col = table.column(f.column)
+            if f.multivalent:
+                seg_lengths, index = list_rows_index(_numpy(pc.fill_null(pc.list_value_length(col), 0)), rows)
+                lengths[k * n + a : k * n + b] = seg_lengths
+                parts.append((_numpy(pc.list_flatten(col)), index))
+            else:
+                parts.append((_numpy(col), rows))
+        sources.append(parts)
+    for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
+        for j, f in enumerate(dense_specs):
+            dense[a:b, j] = _numpy(table.column(f.column))[rows]
+        for i, lab in enumerate(labels):
+            raw = _numpy(table.column(lab.column))[rows]
+            y[i, a:b] = np.isin(raw, lab.positive_values) if lab.positive_values else raw
+        if SAMPLE_ID_COLUMN in table.column_names:
+            sample_ids[a:b] = _numpy(table.column(SAMPLE_ID_COLUMN))[rows]
+        else:
+            sample_ids[a:b] = rows
+    length_per_key = [sum(int(index.shape[0]) for _, index in parts) for parts in sources]
+    values = np.empty(sum(length_per_key), dtype=np.int64)
+    pos = 0
+    for f, parts, size in zip(sparse_specs, sources, length_per_key):
+        out = values[pos : pos + size]
+        start = 0
+        for src, index in parts:
+            stop = start + int(index.shape[0])
+            ids = src.astype(np.int64, copy=False)
+            ids.sum()  # one read in order brings the column into the cache: the gather is ~2x faster
+            # mode="clip": the index is in range, and unlike "raise" it writes to out unbuffered
+            np.take(ids, index, out=out[start:stop], mode="clip")
+            start = stop
+        if not (checked and oov_policy == "error"):
+            out[...] = fix_ids(out, f.num_embeddings, oov_policy, where, f.column)
+        pos += size
+    return BatchArrays(
+        keys=[f.name for f in sparse_specs],
+        multi=[f.multivalent for f in sparse_specs],
+        dense=dense,
+        values=values,
+        lengths=lengths,
+        length_per_key=length_per_key,
+        labels=y,
+        label_names=[lab.name for lab in labels],
+        sample_ids=sample_ids,
+    )
+
+
 def table_to_batch(
     table: Table,
     features: Sequence[FeatureSpec],

@@ -16,6 +16,8 @@ import sys
 from typing import Any
 
 FORMATS = ("aliccp-raw", "aliccp-csv", "aliccp-paddle", "census")
+# = mptrec.data_loaders.layout.DEFAULT_ROW_GROUP_SIZE (not imported: pyarrow stays out of CLI start-up)
+ROW_GROUP_SIZE = 16_384
 # option -> formats it applies to (given for another format, it is an error)
 _FORMAT_OPTIONS = {
     "min_count": ("aliccp-raw", "aliccp-paddle"),
@@ -36,7 +38,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="split fractions, deterministic for --seed (default train=0.8,valid=0.1,test=0.1)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed (split permutation; synth: everything)")
-    p.add_argument("--row-group-size", type=int, default=65_536, help="rows per Parquet row group")
+    p.add_argument(
+        "--row-group-size",
+        type=int,
+        default=ROW_GROUP_SIZE,
+        help=f"rows per Parquet row group (default {ROW_GROUP_SIZE:,}); row groups are what ranks and "
+        "DataLoader workers share and what a shuffled epoch permutes, so keep several per split",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
 
 

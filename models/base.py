@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 __all__ = ["RESERVED_LOSS_KEYS", "ModelOutput", "MultiTaskModel", "NewTaskHead", "em_assign"]
 
-RESERVED_LOSS_KEYS = ("aux", "gan", "l2")
+RESERVED_LOSS_KEYS = ("aux", "gan", "confusion", "l2")
 
 
 @dataclass
@@ -31,11 +31,14 @@ class ModelOutput:
             ``Tower_k(h^s)`` (Eq. 9, weight beta); empty for other models.
         task_logits: (B, K) log-probabilities of the task classifier computed through the
             gradient-reversal layer (Eq. 3); None when the model has no classifier.
+        confusion_logits: (B, K) log-probabilities of the frozen-weight classifier on ``h^s``
+            (MPT-Rec ``adversarial = "confusion"``); None otherwise.
     """
 
     logits: dict[str, torch.Tensor]
     aux_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     task_logits: torch.Tensor | None = None
+    confusion_logits: torch.Tensor | None = None
 
 
 def _per_sample_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Literal
 ModelName = str  # a key of mptrec.models.MODELS
 Variant = Literal["full", "share", "specific", "no_gan"]
 GrlSchedule = Literal["dann", "official", "constant"]
+Adversarial = Literal["grl", "confusion"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ class ModelConfig:
         grl_schedule: ``dann`` (monotone 2/(1+exp(-10p))-1), ``official`` (the authors'
             saw-tooth, p computed with the batch size in place of steps per epoch), ``constant``.
         grl_alpha: alpha for the ``constant`` schedule.
+        adversarial: how the shared expert plays against the task classifier (Eq. 4).
+            ``grl`` (the paper's code): gradient reversal, the shared expert *maximises* the
+            classifier's NLL, which is unbounded (it can grow without limit by scaling ``h^s``).
+            ``confusion`` (a bounded deviation from the paper): the classifier minimises its NLL
+            on ``h^s`` (detached), and the shared expert minimises the cross-entropy of the
+            (frozen) classifier's output against the uniform distribution over tasks, whose
+            minimum (``log K``) is reached when ``h^s`` carries no task information (domain
+            confusion, Tzeng et al. 2015); weight ``gan_weight * alpha``.
         tau: temperature of the new-task transfer weights (Eq. 11).
         clustering_interval: epochs between EM task re-assignments (Eq. 5); 0 disables EM.
         r_emb: L2 weight on embedding tables (see the README for the fused-kernel deviation).
@@ -53,6 +62,7 @@ class ModelConfig:
     aux_weight: float = 0.9
     grl_schedule: GrlSchedule = "dann"
     grl_alpha: float = 1.0
+    adversarial: Adversarial = "grl"
     tau: float = 150.0
     clustering_interval: int = 2
     r_emb: float = 0.0

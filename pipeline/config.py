@@ -169,13 +169,19 @@ class TrainConfig:
         lr: dense optimizer (Adam) learning rate.
         embedding_optimizer: fused optimizer of the tables. On CPU only ``rowwise_adagrad``,
             ``adagrad`` and ``sgd`` exist; ``adam`` needs CUDA.
-        embedding_lr: learning rate of the fused embedding optimizer.
+        embedding_lr: learning rate of the embedding optimizer.
+        embedding_init_std: standard deviation of the N(0, std^2) table initialisation (spec
+            Eq. 1: 1.0, PyTorch's default).
         patience: early-stopping patience in epochs on the sum of validation AUCs.
         seed: seed of parameters, EM initial labels and shuffling.
         pipelined: use ``TrainPipelineSparseDist`` (False: a plain loop, same losses).
         max_steps: stop after this many steps (0: no limit); for smoke runs.
         log_every: steps between metrics-log lines.
         checkpoint_every: steps between mid-epoch checkpoints (0: end of epoch only).
+        validate_every: steps between mid-epoch validations (0: end of epoch only). Each one
+            counts towards ``patience`` like an epoch end, may stop the run mid-epoch, and writes
+            a checkpoint (the best one when the AUC sum improved): ID-heavy CTR models often
+            peak within the first epoch.
         keep_last: checkpoints kept besides the best.
         device: ``auto`` (CUDA with nccl when visible, else CPU with gloo), ``cpu`` or ``cuda``.
         threads: torch intra-op threads per process (0: leave torch's default).
@@ -185,19 +191,22 @@ class TrainConfig:
     lr: float = 1e-3
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
+    embedding_init_std: float = 1.0
     patience: int = 3
     seed: int = 2024
     pipelined: bool = True
     max_steps: int = 0
     log_every: int = 50
     checkpoint_every: int = 0
+    validate_every: int = 0
     keep_last: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "lr", "embedding_lr", "log_every")
-        _non_negative(self, "patience", "max_steps", "checkpoint_every", "keep_last", "threads")
+        _positive(self, "epochs", "lr", "embedding_lr", "log_every", "embedding_init_std")
+        _non_negative(self, "patience", "max_steps", "checkpoint_every",
+                      "validate_every", "keep_last", "threads")
 
 
 @dataclass(frozen=True)
@@ -270,7 +279,7 @@ class RunConfig:
 
 
 PromptMethod = Literal[
-    "mptrec", "fw", "tes", "shared_bottom*", "mmoe*", "ple*", "single_task"
+    "mptrec", "mptrec_res", "fw", "tes", "shared_bottom*", "mmoe*", "ple*", "single_task"
 ]
 
 
@@ -283,9 +292,10 @@ class PromptTuneConfig:
         label: label column in the shards.
         positive_values: raw values meaning 1 (empty: the column is 0/1).
         description: free text kept in the registry.
-        method: ``mptrec`` (prompt tuning, spec 3.3), ``fw`` / ``tes`` (transfer-weight
-            ablations), or the baselines' fine-tuning forms ``shared_bottom*``, ``mmoe*``,
-            ``ple*`` (must match the base model).
+        method: ``mptrec`` (prompt tuning, spec 3.3), ``mptrec_res`` (the same plus a rank-8
+            linear residual path from ``e`` into the new tower's input, a deviation from the
+            paper), ``fw`` / ``tes`` (transfer-weight ablations), or the baselines' fine-tuning
+            forms ``shared_bottom*``, ``mmoe*``, ``ple*`` (must match the base model).
         exclude_features: features that must not be inputs for this task (spec section 6);
             registration checks the base model does not use them.
         tower_hidden: new tower sizes (empty: same as the base model's towers).

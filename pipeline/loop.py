@@ -226,7 +226,7 @@ class Trainer:
                 raise RuntimeError(f"epoch {st.epoch}: some rank has no training batch (train split too "
                                    f"small for {self.ctx.world_size} processes and batch size "
                                    f"{cfg.data.batch_size})")
-            if not self._train_epoch(n):  # stopped by max_steps mid-epoch
+            if not self._train_epoch(n) or st.stopped:  # max_steps or early stopping mid-epoch
                 break
             self._end_of_epoch()
         if self._last_saved_step != st.step and st.step > 0:
@@ -276,6 +276,11 @@ class Trainer:
                 if st.step % cfg.train.log_every == 0:
                     t_log = self._log_train(list(parts), alpha, t_log, bar)
                     self._flush_losses()
+                if (cfg.train.validate_every and st.step % cfg.train.validate_every == 0
+                        and st.batches_in_epoch < n):
+                    if self._validate_mid_epoch():
+                        break
+                    continue
                 if (cfg.train.checkpoint_every and st.step % cfg.train.checkpoint_every == 0
                         and st.batches_in_epoch < n):
                     self._checkpoint(is_best=False)
@@ -283,6 +288,36 @@ class Trainer:
         if isinstance(self.stepper, TrainPipelineSparseDist):
             self.stepper.detach()  # restore the EBC's own forward for eval / EM / checkpointing
         return not self._max_steps_reached() or st.batches_in_epoch >= n
+
+    def _validate_mid_epoch(self) -> bool:
+        """Validation point inside an epoch (``train.validate_every``); True when it stops the run.
+
+        The train pipeline is detached for the evaluation (its in-flight batches are kept) and
+        re-attaches itself at the next step. The checkpoint written here is the best one when
+        the sum of validation AUCs improved, else a plain one (exact resume from mid-epoch).
+        """
+        ctx = self.ctx
+        if isinstance(self.stepper, TrainPipelineSparseDist):
+            self.stepper.detach()
+        valid = ctx.data.valid()
+        is_best = False
+        if valid is not None:
+            is_best = self._track(self._validate(valid, self.state.epoch + 1))
+        self._checkpoint(is_best=is_best, metric=self.result.valid[-1] if is_best else None)
+        ctx.dmp.train()
+        return self.state.stopped
+
+    def _track(self, record: Mapping[str, Any]) -> bool:
+        """Best metric and early stopping (patience counted in validation points); True if best."""
+        st, patience = self.state, self.ctx.cfg.train.patience
+        metric = record["auc_sum"]
+        if st.best_metric is None or metric > st.best_metric:
+            st.best_metric, st.best_step, st.bad_epochs = metric, st.step, 0
+            return True
+        st.bad_epochs += 1
+        if 0 < patience <= st.bad_epochs:
+            st.stopped = True
+        return False
 
     def _flush_losses(self) -> None:
         # converted in bulk, so a CUDA run does not synchronise at every step
@@ -325,14 +360,7 @@ class Trainer:
         is_best = False
         valid = ctx.data.valid()
         if valid is not None:
-            record = self._validate(valid, epoch)
-            metric = record["auc_sum"]
-            if st.best_metric is None or metric > st.best_metric:
-                st.best_metric, st.best_step, st.bad_epochs, is_best = metric, st.step, 0, True
-            else:
-                st.bad_epochs += 1
-                if 0 < cfg.train.patience <= st.bad_epochs:
-                    st.stopped = True
+            is_best = self._track(self._validate(valid, epoch))
         st.epoch += 1
         st.batches_in_epoch = 0
         self._checkpoint(is_best=is_best, metric=self.result.valid[-1] if is_best else None)

@@ -72,6 +72,7 @@ REGISTRY_VERSION = 1
 _METHOD_BASE = {
     "mptrec": "mptrec",
     "fw": "mptrec",
+    "mptrec_res": "mptrec",
     "tes": "mptrec",
     "shared_bottom*": "shared_bottom",
     "mmoe*": "mmoe",

@@ -72,6 +72,7 @@ __all__ = [
     "ShardedModel",
     "ShardingError",
     "allowed_sharding_types",
+    "all_data_parallel",
     "check_embedding_widths",
     "embedding_optimizer",
     "init_embedding_tables",
@@ -198,20 +199,43 @@ def check_embedding_widths(
 
 
 def embedding_optimizer(
-    train_cfg: TrainConfig, device_type: str
+    train_cfg: TrainConfig, device_type: str, *, dense_tables: bool = False, r_emb: float = 0.0
 ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    """The fused embedding optimizer class and its keyword arguments.
+    """The embedding optimizer class and its keyword arguments.
+
+    Args:
+        train_cfg: ``embedding_optimizer`` and ``embedding_lr``.
+        device_type: ``cpu`` or ``cuda``.
+        dense_tables: for ``data_parallel`` tables (dense kernel, plain replicated parameters
+            with whole-table gradients): a plain torch optimizer, so ``adam`` works on CPU too,
+            and ``r_emb`` becomes its (coupled) ``weight_decay``, which is exactly the gradient
+            of the spec's whole-table term ``r_emb * sum_j ||E_j||^2 / 2``.
+        r_emb: whole-table L2 weight (``dense_tables`` only).
 
     Raises:
-        ShardingError: ``adam`` on CPU (FBGEMM's CPU kernel has no fused Adam).
+        ShardingError: ``adam`` for fused tables on CPU (FBGEMM's CPU kernel has no fused Adam).
     """
     name = train_cfg.embedding_optimizer
-    if name in _CUDA_ONLY_OPTIMIZERS and device_type != "cuda":
+    if name in _CUDA_ONLY_OPTIMIZERS and device_type != "cuda" and not dense_tables:
         raise ShardingError(
             f"train.embedding_optimizer = {name!r} needs CUDA: the fused CPU kernel offers only "
-            "rowwise_adagrad, adagrad and sgd"
+            "rowwise_adagrad, adagrad and sgd (or make every table data_parallel: "
+            "sharding.sharding_types = [\"data_parallel\"])"
         )
-    return EMBEDDING_OPTIMIZERS[name], {"lr": train_cfg.embedding_lr}
+    kwargs: dict[str, Any] = {"lr": train_cfg.embedding_lr}
+    if dense_tables:
+        if name == "adam":
+            return torch.optim.Adam, {**kwargs, "weight_decay": r_emb}
+        if r_emb > 0:
+            kwargs["weight_decay"] = r_emb
+    return EMBEDDING_OPTIMIZERS[name], kwargs
+
+
+def all_data_parallel(features: Sequence[FeatureSpec], sharding_cfg: ShardingConfig,
+                      device_type: str) -> bool:
+    """Whether every sparse feature's table is constrained to ``data_parallel`` (dense kernel)."""
+    return all(allowed_sharding_types(f.name, sharding_cfg, device_type) == ["data_parallel"]
+               for f in features if f.kind == "sparse")
 
 
 def _collections(module: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
@@ -303,6 +327,7 @@ def shard_model(
     *,
     seed: int | None = None,
     batch_size: int = 512,
+    r_emb: float = 0.0,
 ) -> ShardedModel:
     """Shard ``module``'s embedding collections with DMP and build its optimizers (collective).
 
@@ -317,15 +342,27 @@ def shard_model(
         pg: process group (default: the world; it must be initialised, also for one process).
         seed: seed of the table initialisation (default ``train_cfg.seed``, else 0).
         batch_size: per-rank batch size, for the planner's cost estimates.
+        r_emb: whole-table L2 weight; only tables that are all ``data_parallel`` can take it
+            (as the weight decay of their plain optimizer, see :func:`embedding_optimizer`).
 
     Returns:
         The :class:`ShardedModel`.
+
+    Raises:
+        ShardingError: ``r_emb > 0`` while some table may be served by a fused kernel.
     """
     group = pg if pg is not None else dist.GroupMember.WORLD
     if group is None or not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised process group (launch.dist.init_distributed)")
     collections = _collections(module)
-    if train_cfg is not None:
+    all_dp = all_data_parallel(features, sharding_cfg, device.type)
+    if r_emb > 0 and not all_dp:
+        raise ShardingError(
+            f"model.r_emb = {r_emb}: the whole-table L2 term needs every table data_parallel (dense "
+            "kernel, whole-table gradients); a fused kernel updates only the looked-up rows. Set "
+            "sharding.sharding_types = [\"data_parallel\"] (small vocabularies) or model.r_emb = 0"
+        )
+    if train_cfg is not None and not all_dp:
         opt_cls, opt_kwargs = embedding_optimizer(train_cfg, device.type)
         for _, ebc in collections:
             apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
@@ -334,7 +371,8 @@ def shard_model(
                          sharders=sharders)
     dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(group), device=device,
                                    plan=plan, sharders=sharders)
-    init_embedding_tables(dmp, features, seed if seed is not None else (train_cfg.seed if train_cfg else 0))
+    init_embedding_tables(dmp, features, seed if seed is not None else (train_cfg.seed if train_cfg else 0),
+                          std=train_cfg.embedding_init_std if train_cfg else 1.0)
     optimizer: CombinedOptimizer | None = None
     dense: KeyedOptimizerWrapper | None = None
     if train_cfg is not None:
@@ -347,8 +385,8 @@ def shard_model(
         dense = KeyedOptimizerWrapper(dense_params, lambda params: torch.optim.Adam(params, lr=lr))
         parts: list[Any] = [("embeddings", dmp.fused_optimizer), ("dense", dense)]
         if dp_tables:
-            opt_cls, opt_kwargs = embedding_optimizer(train_cfg, device.type)
-            dp_opt = KeyedOptimizerWrapper(dp_tables, lambda ps: opt_cls(ps, **opt_kwargs))
+            dp_cls, dp_kwargs = embedding_optimizer(train_cfg, device.type, dense_tables=True, r_emb=r_emb)
+            dp_opt = KeyedOptimizerWrapper(dp_tables, lambda ps: dp_cls(ps, **dp_kwargs))
             parts.append(("dp_tables", dp_opt))
         optimizer = CombinedOptimizer(parts)
     return ShardedModel(dmp=dmp, optimizer=optimizer, dense_optimizer=dense, plan=plan,
@@ -397,8 +435,9 @@ def _local_pieces(value: Any) -> Iterable[tuple[torch.Tensor, tuple[int, int], t
         raise ShardingError(f"unexpected embedding table state of type {type(value).__name__}")
 
 
-def init_embedding_tables(module: nn.Module, features: Sequence[FeatureSpec], seed: int) -> None:
-    """Overwrite every ``t_<feature>`` table with plan-independent N(0, 1) values.
+def init_embedding_tables(module: nn.Module, features: Sequence[FeatureSpec], seed: int,
+                          std: float = 1.0) -> None:
+    """Overwrite every ``t_<feature>`` table with plan-independent N(0, std^2) values.
 
     Works on a DMP (sharded tables: each rank fills its local shards) or a plain module.
     """
@@ -412,8 +451,10 @@ def init_embedding_tables(module: nn.Module, features: Sequence[FeatureSpec], se
                 continue
             table = m.group(1)
             for tensor, rows, cols in _local_pieces(value):
-                tensor.copy_(table_init_values(seed, table, rows, cols, dims[table]).to(tensor.device,
-                                                                                        tensor.dtype))
+                values = table_init_values(seed, table, rows, cols, dims[table])
+                if std != 1.0:
+                    values = values * std
+                tensor.copy_(values.to(tensor.device, tensor.dtype))
             touched[key] = value
     missing = sorted(set(dims) - {_TABLE_KEY.search(k).group(1) for k in touched})  # type: ignore[union-attr]
     if missing:

@@ -38,7 +38,7 @@ from mptrec.pipeline.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
 )
-from mptrec.pipeline.config import ConfigError, RunConfig, write_resolved
+from mptrec.pipeline.config import RunConfig, write_resolved
 from mptrec.pipeline.em import EMLabelStore
 from mptrec.pipeline.loop import TrainContext, Trainer, TrainResult
 from mptrec.pipeline.metrics_log import MetricsLogger
@@ -105,15 +105,6 @@ class ShardData:
         return self._iterate(self.valid_ds) if self.valid_ds is not None else None
 
 
-def _check_config(cfg: RunConfig) -> None:
-    if cfg.model.r_emb > 0:
-        raise ConfigError(
-            f"model.r_emb = {cfg.model.r_emb}: the whole-table L2 term cannot be applied to tables "
-            "trained by a fused optimizer in backward (it would touch every row at every step); set "
-            "model.r_emb = 0 (a documented deviation from the paper, see the README)"
-        )
-
-
 def _prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> Path:
     run_dir = Path(cfg.out_dir)
     if not resume and find_checkpoints(run_dir):
@@ -158,7 +149,6 @@ def pretrain(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    _check_config(cfg)
     schema = read_schema(cfg.data.path)
     model, features = build_from_config(cfg, schema)
     data = ShardData(cfg, features, rank, world, device)  # checks the shards' columns and types
@@ -168,7 +158,7 @@ def pretrain(
         em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=device)
     wrapper = TrainWrapper(model, em_store)
     sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, device, group,
-                          batch_size=cfg.data.batch_size)
+                          batch_size=cfg.data.batch_size, r_emb=cfg.model.r_emb)
     run_dir = _prepare_run_dir(cfg, resume, rank)
     if rank == 0:
         (run_dir / "plan.txt").write_text(sharded.plan_text)

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from mptrec.bench.bench_dataload import run as bench_run
-from mptrec.data_loaders.layout import read_schema
+from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, read_schema
+from mptrec.launch import cmd_data
 from mptrec.launch.cli import main
 
 
@@ -100,6 +103,24 @@ def test_convert_commands(shared_data: Path, tmp_path: Path, capsys: pytest.Capt
         == 0
     )
     assert "rows {'train': 1669, 'valid': 208, 'test': 209}" in capsys.readouterr().out
+
+
+def test_row_group_size_default_and_option(
+    shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # several row groups per split by default (the loader's unit of sharing and of shuffling)
+    parser = argparse.ArgumentParser()
+    cmd_data.add_arguments(parser)
+    for cmd in (["synth", "--dataset", "aliccp", "--rows", "9"], ["convert", "--format", "census"]):
+        assert parser.parse_args([*cmd, "--out", "x"]).row_group_size == DEFAULT_ROW_GROUP_SIZE == 16_384
+    census = shared_data / "census" / "census-income.data.subset.gz"
+    args = ["data", "convert", "--format", "census", "--input", str(census), "--shards", "2"]
+    assert main([*args, "--row-group-size", "300", "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    for f in read_schema(tmp_path / "c")["splits"]["train"]["files"]:  # 835 and 834 rows
+        meta = pq.ParquetFile(tmp_path / "c" / f).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)][:2] == [300, 300]
+        assert meta.num_row_groups == 3
 
 
 def test_convert_rejects_options_of_other_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

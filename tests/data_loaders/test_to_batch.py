@@ -13,6 +13,8 @@ from mptrec.data_loaders.to_batch import (
     SAMPLE_ID_COLUMN,
     check_table,
     fix_ids,
+    gather_arrays,
+    list_rows_index,
     table_to_arrays,
     table_to_batch,
 )
@@ -90,3 +92,50 @@ def test_row_slices_and_packing_round_trip() -> None:
             assert torch.equal(a.sample_ids, b.sample_ids)
             assert a.sparse_features.values().dtype == torch.int64
     assert packed.num_rows == 50
+
+
+def _assert_same_arrays(a: object, b: object) -> None:
+    for name in ("keys", "multi", "length_per_key", "label_names"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("dense", "values", "lengths", "labels", "sample_ids"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_list_rows_index_matches_a_per_row_loop() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        lengths = rng.integers(0, 4, n).astype(np.int32)  # empty lists included
+        rows = rng.permutation(n) if rng.random() < 0.5 else rng.integers(0, n, int(rng.integers(0, 40)))
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        want = [i for r in rows for i in range(starts[r], starts[r] + lengths[r])]
+        got_lengths, index = list_rows_index(lengths, rows.astype(np.int64))
+        assert index.tolist() == want and got_lengths.tolist() == lengths[rows].tolist()
+
+
+@pytest.mark.parametrize("policy", ["error", "hash"])
+def test_gather_arrays_equals_decoding_the_taken_rows(policy: str) -> None:
+    # two tables (empty lists, a 2-chunk one), rows in any order, one segment empty
+    a = tiny_table(30, seed=1).append_column(SAMPLE_ID_COLUMN, pa.array(np.arange(30)))
+    b = pa.concat_tables([tiny_table(12, 30, seed=2), tiny_table(13, 42, seed=3)])
+    b = b.append_column(SAMPLE_ID_COLUMN, pa.array(np.arange(30, 55)))
+    small = [
+        FeatureSpec("f", num_embeddings=7, embedding_dim=4),
+        FeatureSpec("g", num_embeddings=3, embedding_dim=4, multivalent=True),
+    ]
+    feats = FEATS if policy == "error" else [FEATS[0], *small]  # "hash": ids >= 7 and >= 3 wrap
+    rng = np.random.default_rng(5)
+    segments = [(a, rng.permutation(30)[:17]), (b, np.zeros(0, np.int64)), (b, rng.permutation(25))]
+    taken = pa.concat_tables([t.take(pa.array(r, pa.int64())) for t, r in segments])
+    want = table_to_arrays(taken, feats, LABELS, oov_policy=policy)  # type: ignore[arg-type]
+    got = gather_arrays(segments, feats, LABELS, oov_policy=policy)  # type: ignore[arg-type]
+    _assert_same_arrays(got, want)
+    assert got.sample_ids.tolist() == [*segments[0][1].tolist(), *(30 + segments[2][1]).tolist()]
+    if policy == "error":
+        with pytest.raises(DataError, match="column 'f'"):
+            gather_arrays(segments, [FeatureSpec("f", num_embeddings=3, embedding_dim=4)], LABELS)
+    else:
+        assert got.values.max() < 7 and got.values[got.length_per_key[0] :].max() < 3
+        assert got.values[: got.length_per_key[0]].tolist() != taken.column("f").to_pylist()  # ids wrapped

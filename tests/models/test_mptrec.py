@@ -204,3 +204,35 @@ def test_em_labels_come_from_the_fused_predictions() -> None:
 
     assert torch.equal(assign, argmin(out.logits))
     assert not torch.equal(assign, argmin(out.aux_logits))  # the shared path would differ
+
+
+def test_confusion_objective_splits_the_gradients_and_is_bounded() -> None:
+    """``adversarial = "confusion"``: the classifier learns only from its NLL on a detached h^s;
+    h^s learns only from the cross-entropy of the frozen classifier against the uniform target,
+    which is >= 0 (after subtracting log K) and 0 exactly at the uniform output."""
+    model = _mptrec(adversarial="confusion", aux_weight=0.0, gan_weight=1.0).eval()
+    dense, kjt, labels = tiny_batch(16)
+    assign = torch.randint(0, 2, (16,))
+    model.set_grl_alpha(0.5)
+    out = model.forward_train(dense, kjt)
+    assert out.task_logits is not None and out.confusion_logits is not None
+    F.nll_loss(out.task_logits, assign).backward(retain_graph=True)
+    nll = _grads(model)
+    assert nll["classifier.weight"].abs().sum() > 0
+    assert all(not g.any() for n, g in nll.items() if not n.startswith("classifier")), "h^s got NLL grads"
+    model.zero_grad()
+    (-out.confusion_logits.mean()).backward()
+    conf = _grads(model)
+    assert not conf["classifier.weight"].any() and not conf["classifier.bias"].any()
+    assert conf["experts.weights.0"][0].abs().sum() > 0 and not conf["experts.weights.0"][1:].any()
+    _, parts = model.loss(out, {t: torch.zeros(16) for t in TASKS}, assign)
+    assert float(parts["confusion"]) >= 0.0
+    # the total uses gan_weight * (nll + alpha * confusion)
+    total, parts = model.loss(out, labels, assign)
+    bce = sum(F.binary_cross_entropy_with_logits(out.logits[t], labels[t]) for t in TASKS)
+    torch.testing.assert_close(total, bce + 1.0 * (parts["gan"] + 0.5 * parts["confusion"]))
+    with torch.no_grad():  # uniform output: the bound is reached
+        model.classifier.weight.zero_()  # type: ignore[union-attr]
+        model.classifier.bias.zero_()  # type: ignore[union-attr]
+    _, parts = model.loss(model.forward_train(dense, kjt), labels, assign)
+    assert abs(float(parts["confusion"])) < 1e-6

@@ -82,6 +82,11 @@ def _one_process_checks(rank: int, world: int, data: str, tmp: str) -> dict[str,
     out["golden"] = golden.losses
     out["valid"] = golden.valid
     out["best"] = golden.best_metric
+    mid = _train(d, t / "mid", ["train.validate_every=4", "train.patience=0"])
+    out["mid"] = {"losses": mid.losses, "valid_steps": [r["step"] for r in mid.valid]}
+    stop = _train(d, t / "stop", ["train.validate_every=2", "train.patience=1", "train.lr=1.0"])
+    out["stop"] = {"steps": stop.steps, "stopped": stop.stopped_early,
+                   "valid_steps": [r["step"] for r in stop.valid]}
     cases = {
         "feature": ['features.include=["f0", "nope"]'],
         "label": ['tasks=[{name = "ctr", label = "clicks"}]'],
@@ -136,7 +141,14 @@ def test_debug_config_golden_losses_metrics_log_and_input_errors(tmp_path: Path)
     assert "ConfigError" in out["label"] and "'clicks'" in out["label"]
     assert "ShardingError" in out["width"] and "feature 'f0' has embedding_dim 6" in out["width"]
     assert "ShardingError" in out["adam"] and "needs CUDA" in out["adam"]
-    assert "ConfigError" in out["r_emb"]
+    assert "ShardingError" in out["r_emb"] and "every table data_parallel" in out["r_emb"]
+    # validation inside the epoch (train.validate_every): every 4 steps and at each epoch end,
+    # without changing the training (the pipeline is detached and re-attached around it)
+    assert out["mid"]["valid_steps"] == [4, 8, 10, 12, 16, 20]
+    assert out["mid"]["losses"] == out["golden"]
+    # early stopping counts validation points and can stop mid-epoch
+    assert out["stop"]["stopped"] and out["stop"]["steps"] < 20
+    assert out["stop"]["valid_steps"][-1] == out["stop"]["steps"]
     assert "CheckpointError" in out["other_model"]
     assert "model 'mptrec'" in out["other_model"] and "model 'mmoe'" in out["other_model"]
     assert "CheckpointError" in out["no_resume"] and "--resume" in out["no_resume"]
