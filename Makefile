@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck pytest demo fast-test reproduce-census bench bench-quick clean
+.PHONY: setup test lint typecheck pytest demo fast-test reproduce-census bench bench-quick accuracy clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -32,6 +32,13 @@ reproduce-census: setup
 
 bench: setup
 	$(VENV)/bin/mptrec bench --out bench/results.json
+
+# Accuracy benchmark (about 2 hours on 2 cores): Census Table 2/3 protocols on 3 seeds with paired
+# intervals, torch-rechub 0.9.0 peers in their own venv, generated Ali-CCP at 1M/4M/16M rows.
+accuracy: setup
+	bash scripts/rechub_env.sh
+	$(PY) -m mptrec.bench.accuracy --out bench/accuracy.json --peers --set train.threads=1 \
+		--aliccp-rows 1000000 4000000 16000000
 
 bench-quick: setup
 	$(VENV)/bin/mptrec bench --quick --out runs/bench-quick.json

@@ -29,8 +29,8 @@ __all__ = ["MPTREC_METHODS", "MPTRec", "MPTRecNewTaskHead"]
 torch.fx.wrap("grad_reverse")
 
 MPTREC_METHODS = ("mptrec", "mptrec_res", "fw", "tes")
-#: rank of the ``mptrec_res`` head's residual path e -> (D_in x r) -> (r x H) -> tower input
-RESIDUAL_RANK = 8
+#: rank of the residual path e -> (D_in x r) -> (r x H) -> tower input of the ``*_res`` heads
+RESIDUAL_RANKS = {"mptrec_res": 8}
 _VARIANTS = ("full", "share", "specific", "no_gan")
 
 
@@ -269,10 +269,10 @@ class MPTRecNewTaskHead(NewTaskHead):
     and the logit is ``Tower_new(f)``.
 
     ``mptrec_res`` (beyond the paper): ``mptrec`` plus a low-rank linear path from the input
-    vector, ``f += B A e`` with ``A`` (r x D_in), ``B`` (H x r), r = ``RESIDUAL_RANK`` and ``B``
-    initialised to zero (the head starts as ``mptrec``). The frozen experts were trained for the
-    old tasks; this gives the new task a direct, cheap view of features they may have discarded
-    (``r (D_in + H)`` parameters: 2,008 on Census, where the head stays under 10%).
+    vector, ``f += B A e`` with ``A`` (r x D_in), ``B`` (H x r) initialised to zero (the head
+    starts as ``mptrec``), r = ``RESIDUAL_RANKS[method]`` = 8. The frozen experts were trained
+    for the old tasks; this gives the new task a direct view of features they may have
+    discarded, for ``r (D_in + H)`` parameters (Census: 2,008 more, 29,071 = 9.92% in all).
 
     Args:
         task_name: the new task.
@@ -319,9 +319,10 @@ class MPTRecNewTaskHead(NewTaskHead):
         self.prompt = nn.Parameter(torch.randn(hidden_dim))  # p^new, N(0, 1) (Eq. 13)
         self.projection: nn.Sequential | None = None
         self.residual: nn.Sequential | None = None
-        if method == "mptrec_res":
-            self.residual = nn.Sequential(nn.Linear(input_dim, RESIDUAL_RANK, bias=False),
-                                          nn.Linear(RESIDUAL_RANK, hidden_dim, bias=False))
+        if method in RESIDUAL_RANKS:
+            rank = RESIDUAL_RANKS[method]
+            self.residual = nn.Sequential(nn.Linear(input_dim, rank, bias=False),
+                                          nn.Linear(rank, hidden_dim, bias=False))
             nn.init.zeros_(self.residual[1].weight)
         if method in ("mptrec", "mptrec_res"):  # Eq. 10
             self.projection = nn.Sequential(

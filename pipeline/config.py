@@ -71,8 +71,9 @@ class DataConfig:
         test_split: split scored by ``mptrec eval`` by default.
         batch_size: rows per batch (per process).
         num_workers: DataLoader worker processes per rank (0: read in the main process).
-        shuffle: shuffle row groups (and rows within ``shuffle_buffer``) each epoch.
-        shuffle_buffer: rows held for in-buffer shuffling (0: row-group order only).
+        shuffle: shuffle each epoch: the order of the row groups and the rows inside every row
+            group (seeded by seed, epoch, shard and row group, so a resumed epoch is the same).
+        shuffle_buffer: rows held for a further shuffle across row groups (0: none).
         oov_policy: what to do with an id >= the table size: ``error``, ``hash`` (modulo) or
             ``clip`` (to the last row).
         on_error: ``raise`` on a bad row group, or ``skip`` it (counted and logged).
@@ -292,9 +293,9 @@ class PromptTuneConfig:
         label: label column in the shards.
         positive_values: raw values meaning 1 (empty: the column is 0/1).
         description: free text kept in the registry.
-        method: ``mptrec`` (prompt tuning, spec 3.3), ``mptrec_res`` (the same plus a rank-8
-            linear residual path from ``e`` into the new tower's input, a deviation from the
-            paper), ``fw`` / ``tes`` (transfer-weight ablations), or the baselines' fine-tuning
+        method: ``mptrec`` (prompt tuning, spec 3.3), ``mptrec_res`` (``mptrec`` plus a rank-8
+            linear residual path from ``e`` into the new tower's input, beyond the paper),
+            ``fw`` / ``tes`` (transfer-weight ablations), or the baselines' fine-tuning
             forms ``shared_bottom*``, ``mmoe*``, ``ple*`` (must match the base model).
         exclude_features: features that must not be inputs for this task (spec section 6);
             registration checks the base model does not use them.

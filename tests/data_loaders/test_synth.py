@@ -39,6 +39,17 @@ def test_schema_holds_real_vocab_sizes_and_bayes_auc(fifty_k: tuple[Path, dict])
     assert [sum(v["rows"]) for v in schema["splits"].values()] == [40_000, 5_000, 5_000]
 
 
+def test_input_bayes_auc_lies_between_chance_and_the_full_bayes_auc(fifty_k: tuple[Path, dict]) -> None:
+    """Without the user's own effect (101) and field 301 a model cannot reach bayes_auc; the
+    planted probabilities with those integrated out score lower on the drawn labels."""
+    _, s = fifty_k
+    seen, realized = s["bayes_auc_inputs"], s["bayes_auc_realized"]
+    assert set(seen) == {"click", "purchase", "301"}
+    for k in seen:
+        assert 0.55 < seen[k] < realized[k], (k, seen[k], realized[k])
+    assert realized["click"] - seen["click"] > 0.003  # the user effect and 301 carry real signal
+
+
 def test_rates_ids_and_purchase_only_after_click(fifty_k: tuple[Path, dict]) -> None:
     d, s = fifty_k
     t = _all(d)

@@ -236,3 +236,23 @@ def test_confusion_objective_splits_the_gradients_and_is_bounded() -> None:
         model.classifier.bias.zero_()  # type: ignore[union-attr]
     _, parts = model.loss(model.forward_train(dense, kjt), labels, assign)
     assert abs(float(parts["confusion"])) < 1e-6
+
+
+def test_mptrec_res_head_starts_as_mptrec_and_stays_under_ten_percent() -> None:
+    from mptrec.models.mptrec import MPTRecNewTaskHead
+
+    kw = {"input_dim": 123, "hidden_dim": 128, "num_tasks": 2, "tower_hidden": (64, 32), "tau": 150.0}
+    torch.manual_seed(0)
+    base = MPTRecNewTaskHead("t3", "mptrec", **kw)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    res = MPTRecNewTaskHead("t3", "mptrec_res", **kw)  # type: ignore[arg-type]
+    n_res = sum(p.numel() for p in res.parameters())
+    assert n_res == 27_063 + 8 * (123 + 128) == 29_071 and n_res / 293_060 < 0.10
+    res.load_state_dict(base.state_dict(), strict=False)  # the shared parts
+    feats = {"e": torch.rand(6, 123), "h_shared": torch.rand(6, 128), "h_specific": torch.rand(6, 2, 128),
+             "prompts": torch.randn(2, 128)}
+    torch.testing.assert_close(res(feats), base(feats))  # B = 0 at initialisation
+    assert res.residual is not None
+    with torch.no_grad():
+        res.residual[1].weight.normal_()
+    assert not torch.allclose(res(feats), base(feats))  # the path is live once B moves
