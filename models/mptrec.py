@@ -321,9 +321,9 @@ class MPTRecNewTaskHead(NewTaskHead):
         self.residual: nn.Sequential | None = None
         if method in RESIDUAL_RANKS:
             rank = RESIDUAL_RANKS[method]
-            self.residual = nn.Sequential(nn.Linear(input_dim, rank, bias=False),
-                                          nn.Linear(rank, hidden_dim, bias=False))
-            nn.init.zeros_(self.residual[1].weight)
+            up = nn.Linear(rank, hidden_dim, bias=False)
+            nn.init.zeros_(up.weight)  # starts as the base method
+            self.residual = nn.Sequential(nn.Linear(input_dim, rank, bias=False), up)
         if method in ("mptrec", "mptrec_res"):  # Eq. 10
             self.projection = nn.Sequential(
                 nn.Linear(input_dim, hidden_dim // 2, bias=False),
