@@ -189,7 +189,8 @@ def auc_table(preds: Sequence[dict[str, tuple[np.ndarray, np.ndarray]]], task: s
     """Per-seed test AUCs of one task and their mean and std."""
     vals = [float(auc(*p[task])) for p in preds]
     mean, std, n = seed_summary(vals)
-    return {"per_seed": [round(v, 5) for v in vals], "mean": round(mean, 5), "std": round(std, 5), "n": n}
+    return {"per_seed": [round(v, 5) for v in vals], "mean": round(mean, 5),
+            "std": round(std, 5) if std is not None else 0.0, "n": n}
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,8 +343,10 @@ def _ci(c: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown tables (embedded in the README)."""
+    ran = len(results.get("jobs", []))
     lines = [f"# Accuracy benchmark\n\nMeasured with `{results['command']}` on {results['date']} "
-             f"({results['machine']}); {results['wall_s'] / 60:.0f} min.\n"]
+             f"({results['machine']}); {ran} jobs run by this invocation in {results['wall_s'] / 60:.0f} min "
+             "(finished jobs under --root are reused).\n"]
     c = results.get("census")
     if c:
         seeds = results["census_seeds"]
