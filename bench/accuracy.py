@@ -347,6 +347,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Accuracy benchmark\n\nMeasured with `{results['command']}` on {results['date']} "
              f"({results['machine']}); {ran} jobs run by this invocation in {results['wall_s'] / 60:.0f} min "
              "(finished jobs under --root are reused).\n"]
+    if results.get("note"):
+        lines.append(results["note"] + "\n")
     c = results.get("census")
     if c:
         seeds = results["census_seeds"]
@@ -399,6 +401,18 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _without_note(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -425,15 +439,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates per seed and pair")
     p.add_argument("--set", dest="extra", action="append", default=[],
                    help="extra --set KEY=VALUE for every stage-1 run (e.g. train.threads=1)")
+    p.add_argument("--note", default="", help="a paragraph for the report's header (how the jobs ran)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
     mptrec = [sys.executable, "-m", "mptrec.launch.cli"]
     h = Harness(Path(args.root), mptrec, extra=_sets(*args.extra), dry_run=args.dry_run)
     t0 = time.perf_counter()
     results: dict[str, Any] = {
-        "command": "python -m mptrec.bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m mptrec.bench.accuracy " + " ".join(_without_note(
+            list(argv if argv is not None else sys.argv[1:]))),
         "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores",
-        "census_seeds": list(args.seeds),
+        "census_seeds": list(args.seeds), "note": args.note,
     }
     if not args.no_census:
         if not Path(args.census_file).is_file():
