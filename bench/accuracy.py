@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from mptrec.bench.harness import write_atomic
 from mptrec.bench.stats import auc, combine_seeds, seed_summary
 from mptrec.bench.stats import compare as compare_one
 
@@ -413,13 +414,6 @@ def _without_note(argv: list[str]) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mptrec.bench.accuracy``."""
     p = argparse.ArgumentParser(prog="python -m mptrec.bench.accuracy", description=__doc__,
@@ -464,8 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out)
-    _atomic_write(out, json.dumps(results, indent=1) + "\n")
-    _atomic_write(out.with_suffix(".md"), markdown(results))
+    write_atomic(out, json.dumps(results, indent=1) + "\n")
+    write_atomic(out.with_suffix(".md"), markdown(results))
     print(markdown(results))
     return 0
 
