@@ -168,12 +168,14 @@ class TrainConfig:
     Args:
         epochs: maximum epochs.
         lr: dense optimizer (Adam) learning rate.
-        embedding_optimizer: fused optimizer of the tables. On CPU only ``rowwise_adagrad``,
-            ``adagrad`` and ``sgd`` exist; ``adam`` needs CUDA.
+        embedding_optimizer: optimizer of the tables. For fused tables on CPU only
+            ``rowwise_adagrad``, ``adagrad`` and ``sgd`` exist (``adam`` needs CUDA); tables that
+            are all ``data_parallel`` take any of them, ``adam`` included.
         embedding_lr: learning rate of the embedding optimizer.
         embedding_init_std: standard deviation of the N(0, std^2) table initialisation (spec
             Eq. 1: 1.0, PyTorch's default).
-        patience: early-stopping patience in epochs on the sum of validation AUCs.
+        patience: early-stopping patience on the sum of validation AUCs, counted in validation
+            points (epoch ends, and every ``validate_every`` steps when set).
         seed: seed of parameters, EM initial labels and shuffling.
         pipelined: use ``TrainPipelineSparseDist`` (False: a plain loop, same losses).
         max_steps: stop after this many steps (0: no limit); for smoke runs.

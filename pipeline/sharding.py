@@ -236,13 +236,10 @@ def embedding_optimizer(
             "rowwise_adagrad, adagrad and sgd (or make every table data_parallel: "
             "sharding.sharding_types = [\"data_parallel\"])"
         )
-    kwargs: dict[str, Any] = {"lr": train_cfg.embedding_lr}
-    if dense_tables:
-        if name == "adam":
-            return torch.optim.Adam, {**kwargs, "weight_decay": r_emb}
-        if r_emb > 0:
-            kwargs["weight_decay"] = r_emb
-    return EMBEDDING_OPTIMIZERS[name], kwargs
+    if not dense_tables:
+        return EMBEDDING_OPTIMIZERS[name], {"lr": train_cfg.embedding_lr}
+    cls = torch.optim.Adam if name == "adam" else EMBEDDING_OPTIMIZERS[name]
+    return cls, {"lr": train_cfg.embedding_lr, "weight_decay": r_emb}
 
 
 def all_data_parallel(features: Sequence[FeatureSpec], sharding_cfg: ShardingConfig,
@@ -465,9 +462,7 @@ def init_embedding_tables(module: nn.Module, features: Sequence[FeatureSpec], se
                 continue
             table = m.group(1)
             for tensor, rows, cols in _local_pieces(value):
-                values = table_init_values(seed, table, rows, cols, dims[table])
-                if std != 1.0:
-                    values = values * std
+                values = std * table_init_values(seed, table, rows, cols, dims[table])
                 tensor.copy_(values.to(tensor.device, tensor.dtype))
             touched[key] = value
     missing = sorted(set(dims) - {_TABLE_KEY.search(k).group(1) for k in touched})  # type: ignore[union-attr]
