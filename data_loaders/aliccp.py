@@ -17,6 +17,7 @@ All quirks of these formats stay here; the raw Tianchi format is in
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from mptrec.data_loaders.layout import (
     SCHEMA_VERSION,
     assign_splits,
     file_sources,
-    prepare_out_dir,
+    staged_out_dir,
     write_schema,
     write_table_splits,
 )
@@ -75,6 +76,35 @@ def aliccp_schema(
         "splits": splits,
         **extra,
     }
+
+
+_FIELD_CODE = re.compile(r"^[0-9]+(_[0-9]+)?$")
+
+
+def token_problem(field: str, fid: str) -> str:
+    """Why a ``field``/``id`` pair of a token format is rejected ("" when it is fine).
+
+    Policy (the token formats ``aliccp-paddle`` and ``aliccp-raw``): a field is an Ali-CCP
+    field code, digits with an optional ``_digits`` suffix (``205``, ``109_14``); an id is a
+    non-negative decimal integer (ASCII digits). Anything else (``itm:917``, ``205:abc``,
+    ``205:-3``) is a malformed token, rejected naming file, line, field and value, never
+    dropped or encoded silently. Field codes that are well formed but not among the converted
+    fields (e.g. ``999``) are ignored and counted in schema.json ``stats.unused_field_tokens``.
+    """
+    if not _FIELD_CODE.match(field):
+        return f"field {field!r} is not an Ali-CCP field code (digits, optionally _digits)"
+    if not (fid.isascii() and fid.isdigit()):
+        return f"field {field!r}: id {fid!r} is not a non-negative integer"
+    return ""
+
+
+def count_unused_fields(rows: Sequence[TokenRow], unused: Counter[str]) -> None:
+    """Count the tokens of well-formed field codes that are not converted (not in ALICCP_FIELDS)."""
+    known = set(ALICCP_FIELDS)
+    for row in rows:
+        for field, values in row.items():
+            if field not in known:
+                unused[field] += len(values)
 
 
 def count_tokens(
@@ -167,12 +197,17 @@ def read_paddle(
                     field, sep, fid = tok.partition(":")
                     if not sep or not fid:
                         raise DataError(f"{path}:{lineno}: token {tok!r} is not field:id")
+                    problem = token_problem(field, fid)
+                    if problem:
+                        raise DataError(f"{path}:{lineno}: token {tok!r}: {problem}")
                     row.setdefault(field, []).append(fid)
                 clicks.append(int(parts[1]))
                 buys.append(int(parts[2]))
                 rows.append(row)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
+    if not rows:
+        raise DataError(f"{path}: no data rows")
     return np.array(clicks, dtype=np.int8), np.array(buys, dtype=np.int8), rows
 
 
@@ -233,43 +268,51 @@ def convert_aliccp_paddle(
     unknown = sorted(set(multi_fields) - set(ALICCP_FIELDS))
     if unknown:
         raise DataError(f"--multi-fields: unknown Ali-CCP field(s) {unknown}")
-    out = prepare_out_dir(out_dir, overwrite)
-    names = list(split) + [s for s, _ in assigned if s not in split]
-    click, buy, rows, codes = _read_paddle_pool(inputs, assigned, split, seed, names)
-    keep = ~((click == 0) & (buy == 1)) if drop_purchase_without_click else np.ones(len(rows), bool)
-    rows = [r for r, k in zip(rows, keep) if k]
-    click, buy, codes = click[keep], buy[keep], codes[keep]
-    counts: dict[str, Counter[str]] = {f: Counter() for f in ALICCP_FIELDS}
-    count_tokens([r for r, c in zip(rows, codes) if c == names.index("train")], counts, multi_fields)
-    vocab = Vocabulary.fit(counts, min_count=min_count)
-    multi_rows: Counter[str] = Counter()
-    singles, multis = encode_token_rows(rows, vocab, multi_fields, multi_rows)
-    cols: dict[str, Any] = {"click": click, "purchase": buy}
-    for f in ALICCP_FIELDS:
-        cols[f] = list_array(*multis[f]) if f in multi_fields else np.maximum(singles[f], 0)
-    table = pa.table(cols, schema=aliccp_arrow_schema(multi_fields))
-    splits_meta, stats = write_table_splits(out, table, codes, names, shards, row_group_size, ALICCP_LABELS)
-    vocab.save(out)
-    paths = list(inputs) + [p for _, p in assigned]
-    stats.update(
-        dropped_purchase_without_click=int((~keep).sum()), multi_value_rows_last_kept=dict(multi_rows)
-    )
-    schema = aliccp_schema(
-        {f: vocab.num_embeddings(f) for f in ALICCP_FIELDS},
-        multi_fields,
-        splits_meta,
-        stats=stats,
-        sources=file_sources(paths),
-        vocab_file="vocab.json",
-        split_spec={"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
-        notes=f"Ali-CCP from PaddleRec field:id text; ids re-encoded per field on the train split "
-        f"(min_count {min_count}), 0 = missing/rare/unseen; list fields {list(multi_fields)}; a "
-        "single-valued field with several values in a row keeps the last one (AITM). T3 label: "
-        "column 301 (its ids) binarised by the task config.",
-    )
-    write_schema(out, schema)
-    return schema
-
+    with staged_out_dir(out_dir, overwrite) as out:
+        names = list(split) + [s for s, _ in assigned if s not in split]
+        click, buy, rows, codes = _read_paddle_pool(inputs, assigned, split, seed, names)
+        keep = ~((click == 0) & (buy == 1)) if drop_purchase_without_click else np.ones(len(rows), bool)
+        rows = [r for r, k in zip(rows, keep) if k]
+        click, buy, codes = click[keep], buy[keep], codes[keep]
+        counts: dict[str, Counter[str]] = {f: Counter() for f in ALICCP_FIELDS}
+        count_tokens([r for r, c in zip(rows, codes) if c == names.index("train")], counts, multi_fields)
+        vocab = Vocabulary.fit(counts, min_count=min_count)
+        multi_rows: Counter[str] = Counter()
+        singles, multis = encode_token_rows(rows, vocab, multi_fields, multi_rows)
+        cols: dict[str, Any] = {"click": click, "purchase": buy}
+        for f in ALICCP_FIELDS:
+            cols[f] = list_array(*multis[f]) if f in multi_fields else np.maximum(singles[f], 0)
+        table = pa.table(cols, schema=aliccp_arrow_schema(multi_fields))
+        splits_meta, stats = write_table_splits(
+            out, table, codes, names, shards, row_group_size, ALICCP_LABELS
+        )
+        vocab.save(out)
+        paths = list(inputs) + [p for _, p in assigned]
+        unused: Counter[str] = Counter()
+        count_unused_fields(rows, unused)
+        stats.update(
+            dropped_purchase_without_click=int((~keep).sum()),
+            multi_value_rows_last_kept=dict(multi_rows),
+            unused_field_tokens=dict(sorted(unused.items())),
+        )
+        schema = aliccp_schema(
+            {f: vocab.num_embeddings(f) for f in ALICCP_FIELDS},
+            multi_fields,
+            splits_meta,
+            stats=stats,
+            sources=file_sources(paths),
+            vocab_file="vocab.json",
+            split_spec={"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
+            notes=f"Ali-CCP from PaddleRec field:id text; ids re-encoded per field on the train split "
+            f"(min_count {min_count}), 0 = missing/rare/unseen; list fields {list(multi_fields)}; a "
+            "single-valued field with several values in a row keeps the last one (AITM). T3 label: "
+            "column 301 (its ids) binarised by the task config. Tokens: a field must be an Ali-CCP "
+            "field code (digits, optionally _digits) and an id a non-negative integer, else the "
+            "conversion fails naming file, line, field and value; tokens of other field codes are "
+            "ignored and counted in stats.unused_field_tokens.",
+        )
+        write_schema(out, schema)
+        return schema
 
 # --------------------------------------------------------------------------------------------
 # AITM / torch-rechub CSV
@@ -285,8 +328,15 @@ def read_aliccp_csv(path: str | os.PathLike[str]) -> pa.Table:
     """
     try:
         table = pacsv.read_csv(path)
-    except (OSError, pa.ArrowInvalid) as e:
-        raise DataError(f"{path}: cannot read as CSV: {e}") from e
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read as CSV: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    seen: set[str] = set()
+    for name in table.column_names:
+        if name in seen:
+            raise DataError(f"{path}: header names column {name!r} twice")
+        seen.add(name)
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no data rows (only the header {','.join(table.column_names)})")
     for lab in ALICCP_LABELS:
         if lab not in table.column_names:
             raise DataError(f"{path}: label column {lab!r} missing (header {table.column_names})")
@@ -360,42 +410,44 @@ def convert_aliccp_csv(
     Returns:
         The schema written.
     """
-    out = prepare_out_dir(out_dir, overwrite)
-    names = list(split) + [s for s, _ in assigned if s not in split]
-    pooled = [read_aliccp_csv(p) for p in inputs]
-    fixed = [(names.index(s), read_aliccp_csv(p)) for s, p in assigned]
-    tables = pooled + [t for _, t in fixed]
-    if not tables:
-        raise DataError("aliccp-csv: no input files")
-    for p, t in zip(list(inputs) + [p for _, p in assigned], tables):
-        if t.column_names != tables[0].column_names:
-            raise DataError(
-                f"{p}: header {t.column_names} differs from the first file's {tables[0].column_names}"
-            )
-    n_pool = sum(t.num_rows for t in pooled)
-    codes = np.concatenate(
-        [assign_splits(n_pool, split, seed)] + [np.full(t.num_rows, i, np.int8) for i, t in fixed]
-    )
-    table = pa.concat_tables(tables)
-    keep = np.ones(table.num_rows, dtype=bool)
-    if drop_purchase_without_click:
-        keep = ~((table.column("click").to_numpy() == 0) & (table.column("purchase").to_numpy() == 1))
-        table, codes = table.filter(pa.array(keep)), codes[keep]
-    splits_meta, stats = write_table_splits(out, table, codes, names, shards, row_group_size, ALICCP_LABELS)
-    schema = {
-        "dataset": "aliccp",
-        "version": SCHEMA_VERSION,
-        "features": _csv_features(table),
-        "labels": {"click": {"values": [0, 1]}, "purchase": {"values": [0, 1]}},
-        "splits": splits_meta,
-        "stats": {**stats, "dropped_purchase_without_click": int((~keep).sum())},
-        "sources": file_sources(list(inputs) + [p for _, p in assigned]),
-        "split_spec": {"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
-        "notes": "Ali-CCP from AITM/torch-rechub CSV: sparse ids kept as given by the source's "
-        "preprocessing (table size = largest id + 1 over all inputs); *_14 columns are single ids "
-        "there; D* columns are dense as given.",
-    }
-    if "301" in table.column_names:
-        schema["labels"]["301"] = {"values": list(range(int(pc.max(table.column("301")).as_py()) + 1))}
-    write_schema(out, schema)
-    return schema
+    with staged_out_dir(out_dir, overwrite) as out:
+        names = list(split) + [s for s, _ in assigned if s not in split]
+        pooled = [read_aliccp_csv(p) for p in inputs]
+        fixed = [(names.index(s), read_aliccp_csv(p)) for s, p in assigned]
+        tables = pooled + [t for _, t in fixed]
+        if not tables:
+            raise DataError("aliccp-csv: no input files")
+        for p, t in zip(list(inputs) + [p for _, p in assigned], tables):
+            if t.column_names != tables[0].column_names:
+                raise DataError(
+                    f"{p}: header {t.column_names} differs from the first file's {tables[0].column_names}"
+                )
+        n_pool = sum(t.num_rows for t in pooled)
+        codes = np.concatenate(
+            [assign_splits(n_pool, split, seed)] + [np.full(t.num_rows, i, np.int8) for i, t in fixed]
+        )
+        table = pa.concat_tables(tables)
+        keep = np.ones(table.num_rows, dtype=bool)
+        if drop_purchase_without_click:
+            keep = ~((table.column("click").to_numpy() == 0) & (table.column("purchase").to_numpy() == 1))
+            table, codes = table.filter(pa.array(keep)), codes[keep]
+        splits_meta, stats = write_table_splits(
+            out, table, codes, names, shards, row_group_size, ALICCP_LABELS
+        )
+        schema = {
+            "dataset": "aliccp",
+            "version": SCHEMA_VERSION,
+            "features": _csv_features(table),
+            "labels": {"click": {"values": [0, 1]}, "purchase": {"values": [0, 1]}},
+            "splits": splits_meta,
+            "stats": {**stats, "dropped_purchase_without_click": int((~keep).sum())},
+            "sources": file_sources(list(inputs) + [p for _, p in assigned]),
+            "split_spec": {"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
+            "notes": "Ali-CCP from AITM/torch-rechub CSV: sparse ids kept as given by the source's "
+            "preprocessing (table size = largest id + 1 over all inputs); *_14 columns are single ids "
+            "there; D* columns are dense as given.",
+        }
+        if "301" in table.column_names:
+            schema["labels"]["301"] = {"values": list(range(int(pc.max(table.column("301")).as_py()) + 1))}
+        write_schema(out, schema)
+        return schema

@@ -24,6 +24,7 @@ common-features table (about the size of the common file's ids as int32):
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,13 +42,14 @@ from mptrec.data_loaders.aliccp import (
     aliccp_schema,
     encode_token_rows,
     list_array,
+    token_problem,
 )
 from mptrec.data_loaders.layout import (
     DEFAULT_ROW_GROUP_SIZE,
     SplitWriter,
     assign_splits,
     file_sources,
-    prepare_out_dir,
+    staged_out_dir,
     write_schema,
 )
 from mptrec.data_loaders.schema import ALICCP_FIELDS, ALICCP_MULTI_FIELDS, DataError
@@ -92,14 +94,27 @@ def parse_features(text: str, expected: int) -> TokenRow:
             if t.count("\x02") != 1 or t.count("\x03") != 1 or t.startswith("\x02") or "\x02\x03" in t
         )
         raise ValueError(f"token {bad!r} is not field\\x02id\\x03value")
+    fields, ids = items[0::3], items[1::3]
+    joined_ids = "".join(ids)
+    if not (joined_ids.isascii() and joined_ids.isdigit()) or not _plain_fields(fields):
+        problem = next(p for p in map(token_problem, fields, ids) if p)
+        raise ValueError(problem)
     row: TokenRow = {}
-    for field, fid in zip(items[0::3], items[1::3]):
+    for field, fid in zip(fields, ids):
         lst = row.get(field)
         if lst is None:
             row[field] = [fid]
         else:
             lst.append(fid)
     return row
+
+
+_FIELD_LIST = re.compile(r"[0-9]+(?:_[0-9]+)?(?:\x01[0-9]+(?:_[0-9]+)?)*")
+
+
+def _plain_fields(fields: list[str]) -> bool:
+    """All field codes are digits with an optional ``_digits`` suffix (fast path of token_problem)."""
+    return _FIELD_LIST.fullmatch("\x01".join(fields)) is not None
 
 
 class _LineReader:
@@ -337,61 +352,63 @@ def convert_aliccp_raw(
         raise DataError(f"--split must contain 'train' (the vocabulary is fitted on it), got {split}")
     names = list(split) + [s for s, _ in assigned if s not in split]
     files = _resolve_inputs(inputs, assigned, commons, names)
-    out = prepare_out_dir(out_dir, overwrite)
-    budget = [max_bad_lines]
-    codes, kept, vocab, dropped = _fit_vocabulary(
-        files, split, seed, names, drop_purchase_without_click, budget, multi_fields, min_count
-    )
-    schema = aliccp_arrow_schema(multi_fields)
-    writers = [
-        SplitWriter(out, name, kept[i], shards, schema, row_group_size) for i, name in enumerate(names)
-    ]
-    multi_rows: Counter[str] = Counter()
-    positives = np.zeros((len(names), 2), dtype=np.int64)
-    budget = [max_bad_lines]  # pass 4 sees the same bad lines again
-    for inp in files:
-        _write_input(
-            inp,
-            codes,
-            vocab,
-            multi_fields,
-            drop_purchase_without_click,
-            budget,
-            writers,
-            positives,
-            multi_rows,
+    with staged_out_dir(out_dir, overwrite) as out:
+        budget = [max_bad_lines]
+        codes, kept, vocab, dropped = _fit_vocabulary(
+            files, split, seed, names, drop_purchase_without_click, budget, multi_fields, min_count
         )
-    splits_meta = {name: w.close() for name, w in zip(names, writers)}
-    stats: dict[str, Any] = {
-        name: {
-            "rows": kept[i],
-            "click_positives": int(positives[i, 0]),
-            "purchase_positives": int(positives[i, 1]),
+        schema = aliccp_arrow_schema(multi_fields)
+        writers = [
+            SplitWriter(out, name, kept[i], shards, schema, row_group_size) for i, name in enumerate(names)
+        ]
+        multi_rows: Counter[str] = Counter()
+        positives = np.zeros((len(names), 2), dtype=np.int64)
+        budget = [max_bad_lines]  # pass 4 sees the same bad lines again
+        for inp in files:
+            _write_input(
+                inp,
+                codes,
+                vocab,
+                multi_fields,
+                drop_purchase_without_click,
+                budget,
+                writers,
+                positives,
+                multi_rows,
+            )
+        splits_meta = {name: w.close() for name, w in zip(names, writers)}
+        stats: dict[str, Any] = {
+            name: {
+                "rows": kept[i],
+                "click_positives": int(positives[i, 0]),
+                "purchase_positives": int(positives[i, 1]),
+            }
+            for i, name in enumerate(names)
         }
-        for i, name in enumerate(names)
-    }
-    stats.update(
-        dropped_purchase_without_click=dropped,
-        bad_lines_skipped=max_bad_lines - budget[0],
-        multi_value_rows_last_kept=dict(multi_rows),
-    )
-    vocab.save(out)
-    result = aliccp_schema(
-        {f: vocab.num_embeddings(f) for f in ALICCP_FIELDS},
-        multi_fields,
-        splits_meta,
-        stats=stats,
-        sources=file_sources([p for inp in files for p in (inp.skeleton, inp.common)]),
-        vocab_file="vocab.json",
-        split_spec={"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
-        notes=f"Ali-CCP raw Tianchi format; ids re-encoded per field on the train split (min_count "
-        f"{min_count}; AITM's threshold 'count > 10' equals 12), 0 = missing/rare/unseen; feature values "
-        f"(\\x03 part) dropped; list fields {list(multi_fields)}; single-valued fields keep the last of "
-        "several values, common features override skeleton ones (AITM).",
-    )
-    write_schema(out, result)
-    return result
-
+        stats.update(
+            dropped_purchase_without_click=dropped,
+            bad_lines_skipped=max_bad_lines - budget[0],
+            multi_value_rows_last_kept=dict(multi_rows),
+        )
+        vocab.save(out)
+        result = aliccp_schema(
+            {f: vocab.num_embeddings(f) for f in ALICCP_FIELDS},
+            multi_fields,
+            splits_meta,
+            stats=stats,
+            sources=file_sources([p for inp in files for p in (inp.skeleton, inp.common)]),
+            vocab_file="vocab.json",
+            split_spec={"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
+            notes=f"Ali-CCP raw Tianchi format; ids re-encoded per field on the train split (min_count "
+            f"{min_count}; AITM's threshold 'count > 10' equals 12), 0 = missing/rare/unseen; feature values "
+            f"(\\x03 part) dropped; list fields {list(multi_fields)}; single-valued fields keep the last of "
+            "several values, common features override skeleton ones (AITM). Tokens: a field must be an "
+            "Ali-CCP field code (digits, optionally _digits) and an id a non-negative integer, else the "
+            "line is malformed (file, line, field and value named; --max-bad-lines skips and counts "
+            "it); fields not converted are ignored.",
+        )
+        write_schema(out, result)
+        return result
 
 def _fit_vocabulary(
     files: list[_Input],
@@ -407,6 +424,8 @@ def _fit_vocabulary(
     n_pool = 0
     for inp in tqdm(files, desc="count lines", unit="file"):
         inp.lines = count_lines(inp.skeleton)
+        if inp.lines == 0:
+            raise DataError(f"{inp.skeleton}: no data rows (empty file)")
         if inp.split < 0:
             inp.code_offset, n_pool = n_pool, n_pool + inp.lines
     codes = assign_splits(n_pool, split, seed)

@@ -40,7 +40,7 @@ from mptrec.data_loaders.layout import (
     SCHEMA_VERSION,
     assign_splits,
     file_sources,
-    prepare_out_dir,
+    staged_out_dir,
     write_schema,
     write_table_splits,
 )
@@ -79,7 +79,7 @@ def read_census(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.object
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no data rows")
     cols = np.array(rows, dtype=object).T
     return {name: cols[i] for i, name in enumerate(CENSUS_COLUMNS)}
 
@@ -178,51 +178,52 @@ def convert_census(
         )
     if not inputs:
         raise DataError("census: no --input files")
-    out = prepare_out_dir(out_dir, overwrite)
-    cols, where = _load_pool(inputs)
-    codes = assign_splits(len(where), split, seed)
-    names = list(split) + [s for s, _ in assigned if s not in split]
-    for name, path in assigned:
-        extra, extra_where = _load_pool([path])
-        cols = {c: np.concatenate([cols[c], extra[c]]) for c in CENSUS_COLUMNS}
-        where += extra_where
-        codes = np.concatenate([codes, np.full(len(extra_where), names.index(name), np.int8)])
-    dense_cols = [c for c in CENSUS_DENSE if keep_instance_weight or c != "instance_weight"]
-    arrays, vocab, scaling = _encode(cols, where, codes == names.index("train"), dense_cols)
-    table = pa.table(arrays)
-    splits_meta, stats = write_table_splits(out, table, codes, names, shards, row_group_size, CENSUS_LABELS)
-    vocab.save(out, extra={"dense_min_max": scaling})
-    sparse = [
-        {
-            "name": c,
-            "column": c,
-            "kind": "sparse",
-            "num_embeddings": vocab.num_embeddings(c),
-            "multivalent": False,
+    with staged_out_dir(out_dir, overwrite) as out:
+        cols, where = _load_pool(inputs)
+        codes = assign_splits(len(where), split, seed)
+        names = list(split) + [s for s, _ in assigned if s not in split]
+        for name, path in assigned:
+            extra, extra_where = _load_pool([path])
+            cols = {c: np.concatenate([cols[c], extra[c]]) for c in CENSUS_COLUMNS}
+            where += extra_where
+            codes = np.concatenate([codes, np.full(len(extra_where), names.index(name), np.int8)])
+        dense_cols = [c for c in CENSUS_DENSE if keep_instance_weight or c != "instance_weight"]
+        arrays, vocab, scaling = _encode(cols, where, codes == names.index("train"), dense_cols)
+        table = pa.table(arrays)
+        splits_meta, stats = write_table_splits(
+            out, table, codes, names, shards, row_group_size, CENSUS_LABELS
+        )
+        vocab.save(out, extra={"dense_min_max": scaling})
+        sparse = [
+            {
+                "name": c,
+                "column": c,
+                "kind": "sparse",
+                "num_embeddings": vocab.num_embeddings(c),
+                "multivalent": False,
+            }
+            for c in CENSUS_SPARSE
+        ]
+        schema = {
+            "dataset": "census",
+            "version": SCHEMA_VERSION,
+            "features": [{"name": c, "column": c, "kind": "dense"} for c in dense_cols] + sparse,
+            "labels": {
+                "income": {"values": [0, 1]},
+                "marital": {"values": [0, 1]},
+                "education_label": {"values": [0, 1]},
+                "education": {"values": list(range(vocab.num_embeddings("education")))},
+            },
+            "splits": splits_meta,
+            "stats": stats,
+            "sources": file_sources(list(inputs) + [p for _, p in assigned]),
+            "split_spec": {"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
+            "vocab_file": "vocab.json",
+            "dense_min_max": scaling,
+            "notes": _NOTES + ("" if keep_instance_weight else " instance_weight DROPPED (D_in 126)."),
         }
-        for c in CENSUS_SPARSE
-    ]
-    schema = {
-        "dataset": "census",
-        "version": SCHEMA_VERSION,
-        "features": [{"name": c, "column": c, "kind": "dense"} for c in dense_cols] + sparse,
-        "labels": {
-            "income": {"values": [0, 1]},
-            "marital": {"values": [0, 1]},
-            "education_label": {"values": [0, 1]},
-            "education": {"values": list(range(vocab.num_embeddings("education")))},
-        },
-        "splits": splits_meta,
-        "stats": stats,
-        "sources": file_sources(list(inputs) + [p for _, p in assigned]),
-        "split_spec": {"fractions": split, "seed": seed, "assigned": [[s, str(p)] for s, p in assigned]},
-        "vocab_file": "vocab.json",
-        "dense_min_max": scaling,
-        "notes": _NOTES + ("" if keep_instance_weight else " instance_weight DROPPED (D_in 126)."),
-    }
-    write_schema(out, schema)
-    return schema
-
+        write_schema(out, schema)
+        return schema
 
 _NOTES = (
     "Census-Income (KDD). Inputs: 11 dense (min-max on train; instance_weight kept as in the "

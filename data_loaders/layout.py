@@ -13,10 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -401,21 +403,89 @@ def write_table_splits(
     return splits, stats
 
 
+def _old_shards(out: Path) -> list[Path]:
+    old = [out / SCHEMA_FILE] if (out / SCHEMA_FILE).exists() else []
+    return old + sorted(out.glob("*/part-*.parquet"))
+
+
 def prepare_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     """Create the output folder; refuse a folder that already holds shards unless ``overwrite``.
 
     With ``overwrite`` the previous ``schema.json`` and ``*/part-*.parquet`` files are removed
-    (nothing else).
+    (nothing else). Writers that may fail should use :func:`staged_out_dir` instead, which
+    leaves nothing behind on failure.
     """
     out = Path(out_dir)
-    old = [out / SCHEMA_FILE] if (out / SCHEMA_FILE).exists() else []
-    old += sorted(out.glob("*/part-*.parquet"))
+    old = _old_shards(out)
     if old and not overwrite:
         raise DataError(f"{out}: already holds shards ({old[0].name}, ...); pass --overwrite")
     for p in old:
         p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def staged_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Iterator[Path]:
+    """Write a shard folder all-or-nothing: yield a staging folder, publish it on success.
+
+    The refusal of a folder that already holds shards (without ``overwrite``) happens at once,
+    before anything is read or written. The body writes into a hidden sibling folder
+    ``.<out>.staging-<pid>``; when it returns, the previous shards of ``out_dir`` (``schema.json``
+    and ``*/part-*.parquet``, with ``overwrite``) are removed and the staged files are moved in,
+    ``schema.json`` last. When the body raises, the staging folder and any parent folder
+    created for it are removed: a failed conversion leaves no ``--out`` folder and keeps the
+    previous shards.
+
+    Args:
+        out_dir: the final shard folder.
+        overwrite: replace shards already in ``out_dir``.
+
+    Yields:
+        The staging folder to write into.
+    """
+    out = Path(out_dir)
+    old = _old_shards(out)
+    if old and not overwrite:
+        raise DataError(f"{out}: already holds shards ({old[0].name}, ...); pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
+    created = out.parent
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    first_missing = None if out.parent.exists() else created
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}"
+    try:
+        stage.mkdir(parents=True, exist_ok=False)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the staging folder {stage}: {e}") from e
+    try:
+        yield stage
+        if not out.exists():
+            os.replace(stage, out)
+            return
+        for p in _old_shards(out):
+            p.unlink()
+        schema = stage / SCHEMA_FILE
+        for entry in sorted(stage.iterdir()):
+            if entry == schema:
+                continue
+            target = out / entry.name
+            if entry.is_dir() and target.is_dir():
+                for f in sorted(entry.iterdir()):
+                    os.replace(f, target / f.name)
+            else:
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+        if schema.exists():
+            os.replace(schema, out / SCHEMA_FILE)
+        shutil.rmtree(stage, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if first_missing is not None:
+            shutil.rmtree(first_missing, ignore_errors=True)
+        raise
 
 
 def file_sources(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:

@@ -39,8 +39,8 @@ from mptrec.data_loaders.aliccp import aliccp_arrow_schema, aliccp_schema, list_
 from mptrec.data_loaders.layout import (
     DEFAULT_ROW_GROUP_SIZE,
     SplitWriter,
-    prepare_out_dir,
     split_bounds,
+    staged_out_dir,
     write_schema,
 )
 from mptrec.data_loaders.schema import (
@@ -311,63 +311,64 @@ def generate_aliccp(
     if rows <= 0:
         raise DataError(f"--rows must be positive, got {rows}")
     model = PlantedModel(seed, click_rate, purchase_rate, scenario2_rate)
-    out = prepare_out_dir(out_dir, overwrite)
-    schema = aliccp_arrow_schema(ALICCP_MULTI_FIELDS)
-    bounds = split_bounds(rows, split)
-    writers = [
-        SplitWriter(out, s, bounds[i + 1] - bounds[i], shards, schema, row_group_size)
-        for i, s in enumerate(split)
-    ]
-    probs, labels, positives = _write_blocks(model, seed, rows, bounds, writers)
-    splits_meta = {w.split: w.close() for w in writers}
-    bayes, realized, seen = {}, {}, {}
-    for k in probs:
-        p_all = np.concatenate(probs[k]).astype(np.float64)
-        y_all = np.concatenate(labels[k]).astype(np.float64)
-        if k.endswith("@inputs"):
-            seen[k.removesuffix("@inputs")] = round(auc(p_all, y_all, 1.0 - y_all), 6)
-            continue
-        bayes[k] = round(auc(p_all, p_all, 1.0 - p_all, self_pairs=True), 6)
-        realized[k] = round(auc(p_all, y_all, 1.0 - y_all), 6)
-    vocab = {**ALICCP_VOCAB_SIZES, **ALICCP_ASSUMED_VOCAB_SIZES}
-    stats = {
-        s: {
-            "rows": bounds[i + 1] - bounds[i],
-            "click_positives": int(positives[i, 0]),
-            "purchase_positives": int(positives[i, 1]),
-            "301_not_2": int(positives[i, 2]),
+    with staged_out_dir(out_dir, overwrite) as out:
+        schema = aliccp_arrow_schema(ALICCP_MULTI_FIELDS)
+        bounds = split_bounds(rows, split)
+        writers = [
+            SplitWriter(out, s, bounds[i + 1] - bounds[i], shards, schema, row_group_size)
+            for i, s in enumerate(split)
+        ]
+        probs, labels, positives = _write_blocks(model, seed, rows, bounds, writers)
+        splits_meta = {w.split: w.close() for w in writers}
+        bayes, realized, seen = {}, {}, {}
+        for k in probs:
+            p_all = np.concatenate(probs[k]).astype(np.float64)
+            y_all = np.concatenate(labels[k]).astype(np.float64)
+            if k.endswith("@inputs"):
+                seen[k.removesuffix("@inputs")] = round(auc(p_all, y_all, 1.0 - y_all), 6)
+                continue
+            bayes[k] = round(auc(p_all, p_all, 1.0 - p_all, self_pairs=True), 6)
+            realized[k] = round(auc(p_all, y_all, 1.0 - y_all), 6)
+        vocab = {**ALICCP_VOCAB_SIZES, **ALICCP_ASSUMED_VOCAB_SIZES}
+        stats = {
+            s: {
+                "rows": bounds[i + 1] - bounds[i],
+                "click_positives": int(positives[i, 0]),
+                "purchase_positives": int(positives[i, 1]),
+                "301_not_2": int(positives[i, 2]),
+            }
+            for i, s in enumerate(split)
         }
-        for i, s in enumerate(split)
-    }
-    settings = {
-        "seed": seed,
-        "rows": rows,
-        "click_rate": click_rate,
-        "purchase_rate": purchase_rate,
-        "scenario2_rate": scenario2_rate,
-        "split": split,
-    }
-    result = aliccp_schema(
-        {f: vocab[f] for f in ALICCP_FIELDS},
-        ALICCP_MULTI_FIELDS,
-        splits_meta,
-        stats=stats,
-        bayes_auc=bayes,
-        bayes_auc_realized=realized,
-        bayes_auc_inputs=seen,
-        synth=settings,
-        sources=[],
-        notes=f"Synthetic Ali-CCP (planted model, see mptrec.data_loaders.synth). Real AITM "
-        f"vocabulary sizes; assumed sizes for {sorted(ALICCP_ASSUMED_VOCAB_SIZES)}. bayes_auc: expected AUC "
-        f"of the planted probabilities (label '301' means 301 != 2), on the first {AUC_ROWS:,} rows; "
-        "bayes_auc_realized: AUC of the planted probabilities against the drawn labels; "
-        "bayes_auc_inputs: AUC against the drawn labels of the planted probabilities with the "
-        "user's own effect (101) and field 301 integrated out, as a model without those inputs "
-        "sees them (a lower bound of the best reachable AUC; bayes_auc is the upper bound).",
-    )
-    result["labels"]["301"] = {"values": [1, 2, 3]}
-    write_schema(out, result)
-    return result
+        settings = {
+            "seed": seed,
+            "rows": rows,
+            "click_rate": click_rate,
+            "purchase_rate": purchase_rate,
+            "scenario2_rate": scenario2_rate,
+            "split": split,
+        }
+        result = aliccp_schema(
+            {f: vocab[f] for f in ALICCP_FIELDS},
+            ALICCP_MULTI_FIELDS,
+            splits_meta,
+            stats=stats,
+            bayes_auc=bayes,
+            bayes_auc_realized=realized,
+            bayes_auc_inputs=seen,
+            synth=settings,
+            sources=[],
+            notes=f"Synthetic Ali-CCP (planted model, see mptrec.data_loaders.synth). Real AITM "
+            f"vocabulary sizes; assumed sizes for {sorted(ALICCP_ASSUMED_VOCAB_SIZES)}. bayes_auc: "
+            f"expected AUC of the planted probabilities (label '301' means 301 != 2), on the first "
+            f"{AUC_ROWS:,} rows; "
+            "bayes_auc_realized: AUC of the planted probabilities against the drawn labels; "
+            "bayes_auc_inputs: AUC against the drawn labels of the planted probabilities with the "
+            "user's own effect (101) and field 301 integrated out, as a model without those inputs "
+            "sees them (a lower bound of the best reachable AUC; bayes_auc is the upper bound).",
+        )
+        result["labels"]["301"] = {"values": [1, 2, 3]}
+        write_schema(out, result)
+        return result
 
 
 def _write_blocks(
