@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -509,10 +510,54 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = p.read_bytes()
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: not UTF-8 text ({e})") from e
     except tomllib.TOMLDecodeError as e:
+        duplicate = _duplicate_key(raw.decode("utf-8"), str(e))
+        if duplicate:
+            raise ConfigError(f"{p}: not valid TOML: {duplicate}") from e
         raise ConfigError(f"{p}: not valid TOML: {e}") from e
+
+
+_TOML_AT = re.compile(r"\(at line (\d+), column \d+\)|\(at end of document\)")
+_TOML_DECLARED = re.compile(r"^Cannot declare \((.*)\) twice \(at line (\d+), column \d+\)")
+_TOML_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _duplicate_key(text: str, message: str) -> str:
+    """Name the key of a repeated-key error, which tomllib gives by line only ("" for other errors)."""
+    declared = _TOML_DECLARED.match(message)
+    if declared is not None:
+        name = ".".join(part.strip().strip("'\"") for part in declared.group(1).split(",") if part.strip())
+        return f"line {declared.group(2)}: table [{name}] is declared twice (TOML forbids it; merge them)"
+    if not message.startswith("Cannot overwrite a value"):
+        return ""
+    m = _TOML_AT.search(message)
+    lines = text.splitlines()
+    if m is None or not lines:
+        return ""
+    lineno = int(m.group(1)) if m.group(1) else len(lines)
+    while lineno > 1 and not lines[lineno - 1].strip():
+        lineno -= 1
+    line = lines[lineno - 1] if lineno <= len(lines) else ""
+    key, sep, _ = line.partition("=")
+    key = ".".join(part.strip().strip("\"'") for part in key.strip().split("."))
+    if not sep or not key:
+        header = _TOML_HEADER.match(line)
+        if header is None:
+            return ""
+        return (f"line {lineno}: table [{header.group(1)}] conflicts with a key of the same name "
+                "defined before")
+    table = ""
+    for prev in reversed(lines[: lineno - 1]):
+        header = _TOML_HEADER.match(prev)
+        if header is not None:
+            table = header.group(1).strip() + "."
+            break
+    return (f"line {lineno}: key {table + key!r} is defined twice (TOML forbids repeating a key; "
+            f"keep one)")
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:

@@ -141,3 +141,22 @@ def test_task_config(tmp_path: Path) -> None:
     bad = _write(tmp_path, 'name = "scenario"\nlabel = "301"\nmethod = "lora"\n', "bad.toml")
     with pytest.raises(ConfigError, match="method"):
         load_task_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('name = "x"\n[train]\nlr = 0.1\nepochs = 2\nlr = 0.2\n', "line 5: key 'train.lr' is defined twice"),
+        ('name = "x"\nname = "y"', "line 2: key 'name' is defined twice"),
+        ('name = "x"\n[train]\nlr = 0.1\n[train]\nepochs = 1\n', "line 4: table [train] is declared twice"),
+    ],
+    ids=["key-in-table", "top-level-at-end", "table"],
+)
+def test_duplicate_toml_key_is_named(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "dup.toml"
+    path.write_text(text)
+    for load in (load_config, load_task_config):
+        with pytest.raises(ConfigError) as e:
+            load(path)
+        assert str(e.value).startswith(f"{path}: not valid TOML: {expected}"), str(e.value)
+        assert "\n" not in str(e.value)
