@@ -2,8 +2,8 @@
 
 Variants of our stage-1 step at the paper's dims, timed interleaved (samples/s, so batch sizes
 compare): bigger batches, bf16 autocast and ``torch.compile`` of the dense arch (available now),
-proposals for ``models/`` or the config (cheaper dropout masks, the exact Adagrad table
-optimizer), and diagnostics that say where time goes (the non-pipelined stepper, no dropout).
+proposals for ``models/`` or the config (the exact Adagrad table optimizer), and diagnostics that
+say where time goes (the non-pipelined stepper, ``nn.Dropout``'s masks, no dropout).
 bf16 counts only if the validation AUC holds: the same model is trained on the same batches in
 fp32 and in bf16 and both are scored exactly on the validation split.
 """
@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mptrec.bench.common import PAPER, Settings, load_batches, run_config
 from mptrec.bench.harness import Variant, ratio, throughput
 from mptrec.bench.ours import Stage1, build_stage1, compile_dense_arch, scorer
 from mptrec.bench.profiling import profile_steps
+from mptrec.models.layers import MaskDropout
 from mptrec.pipeline.build import resolve_run_features
 from mptrec.pipeline.evaluate import evaluate
 
@@ -53,39 +54,14 @@ def profile_stage1(s: Settings, schema: dict[str, Any], group: Any) -> dict[str,
     return out
 
 
-class FastDropout(nn.Module):
-    """Dropout whose masks come from 16-bit slices of 64-bit random words (4 masks per draw).
-
-    Same distribution as ``nn.Dropout(p)`` up to ``p`` rounded to a multiple of 1/65536: an element
-    is kept when its 16 random bits are >= ``p * 65536``, and kept values are scaled by
-    ``1 / (1 - p)``. ``torch.bernoulli_`` draws one random number per element; on this CPU it is
-    the costliest op of the step. A proposal for ``models/`` (the bench patches it in).
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = float(p)
-        self.threshold = round(self.p * 65536) - 32768  # compared against signed int16 bits
-        self.scale = 1.0 / (1.0 - self.p)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Drop and rescale (identity in eval mode)."""
-        if not self.training or self.p == 0.0:
-            return x
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        bits = words.view(torch.int16)[:n].view(x.shape)
-        keep = (bits >= self.threshold).to(x.dtype).mul_(self.scale)  # no grad: a constant mask
-        return x * keep
-
-
-def use_fast_dropout(model: nn.Module) -> int:
-    """Replace every ``nn.Dropout`` inside ``model`` by :class:`FastDropout`; returns how many."""
+def use_bernoulli_dropout(model: nn.Module) -> int:
+    """Replace every :class:`~mptrec.models.layers.MaskDropout` by ``nn.Dropout`` (one
+    ``bernoulli_`` draw per element, the default before 2026-12-02); returns how many."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Dropout):
-                setattr(module, name, FastDropout(child.p))
+            if isinstance(child, MaskDropout):
+                setattr(module, name, nn.Dropout(child.p))
                 count += 1
     return count
 
@@ -102,7 +78,8 @@ class DenseVariant:
         batch: batch size.
         overrides: config overrides (``--set`` syntax).
         bf16: bf16 autocast around the step.
-        patch: ``compile`` (:func:`compile_dense_arch`), ``fast_dropout`` (:func:`use_fast_dropout`).
+        patch: ``compile`` (:func:`compile_dense_arch`), ``bernoulli_dropout``
+            (:func:`use_bernoulli_dropout`).
     """
 
     name: str
@@ -128,15 +105,12 @@ def variants_for(s: Settings) -> list[DenseVariant]:
     if s.compile:
         out.append(DenseVariant("torch.compile dense arch", "speedup", patch=("compile",)))
     out += [
-        DenseVariant("fast dropout masks (16-bit random slices)", "proposal", patch=("fast_dropout",)),
         DenseVariant("exact Adagrad tables (not row-wise)", "proposal", overrides=(ADAGRAD,)),
         DenseVariant(
-            "fast dropout + exact Adagrad + bf16 + batch 8000",
-            "proposal",
-            batch=8000,
-            overrides=(ADAGRAD,),
-            bf16=True,
-            patch=("fast_dropout",),
+            "exact Adagrad + bf16 + batch 8000", "proposal", batch=8000, overrides=(ADAGRAD,), bf16=True
+        ),
+        DenseVariant(
+            "nn.Dropout masks (bernoulli_, the old default)", "diagnostic", patch=("bernoulli_dropout",)
         ),
         DenseVariant("non-pipelined stepper", "diagnostic", overrides=("train.pipelined=false",)),
         DenseVariant("no dropout (changes the model)", "diagnostic", overrides=("model.expert_dropout=[]",)),
@@ -148,8 +122,8 @@ def _build(s: Settings, schema: dict[str, Any], group: Any, v: DenseVariant) -> 
     cfg = run_config(s, PAPER, batch_size=v.batch, extra=v.overrides)
     trainer = build_stage1(cfg, schema, _batches(s, schema, v.batch, v.overrides), group, autocast=v.bf16)
     info: dict[str, Any] = {}
-    if "fast_dropout" in v.patch:
-        info["dropouts_replaced"] = use_fast_dropout(trainer.model)
+    if "bernoulli_dropout" in v.patch:
+        info["dropouts_replaced"] = use_bernoulli_dropout(trainer.model)
     if "compile" in v.patch:
         trainer.step(0)  # the pipeline traces the model on its first step; compile after that
         compile_dense_arch(trainer.model)

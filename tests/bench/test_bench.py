@@ -88,10 +88,10 @@ def test_reference_steps_train_and_the_paper_prompt_step_leaves_backbone_gradien
     assert grad_bytes(ref) > 0  # ...but its gradients were computed
 
 
-def test_fast_dropout_keeps_1_minus_p_and_rescales() -> None:
-    from mptrec.bench.dense import FastDropout
+def test_mask_dropout_keeps_1_minus_p_and_rescales() -> None:
+    from mptrec.models.layers import MaskDropout
 
-    drop = FastDropout(0.3)
+    drop = MaskDropout(0.3)
     x = torch.ones(200_000, requires_grad=True)
     y = drop(x)
     kept = y != 0
@@ -100,6 +100,20 @@ def test_fast_dropout_keeps_1_minus_p_and_rescales() -> None:
     y.sum().backward()
     assert x.grad is not None and torch.equal(x.grad != 0, kept)
     assert torch.equal(drop.eval()(x), x)
+    # independent masks: two draws agree on about p^2 + (1-p)^2 of the elements, not all
+    drop.train()
+    agree = ((drop(torch.ones(200_000)) != 0) == (drop(torch.ones(200_000)) != 0)).float().mean().item()
+    assert abs(agree - (0.3**2 + 0.7**2)) < 0.01
+
+
+def test_use_bernoulli_dropout_swaps_every_mask_dropout() -> None:
+    from mptrec.bench.dense import use_bernoulli_dropout
+    from mptrec.models.layers import MaskDropout, StackedMLP
+
+    mlp = StackedMLP(2, 4, (8, 4), last_activation=True, dropout=(0.1, 0.3))
+    assert use_bernoulli_dropout(mlp) == 2
+    assert not any(isinstance(m, MaskDropout) for m in mlp.modules())
+    assert [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout)] == [0.1, 0.3]
 
 
 def test_throughput_interleaves_repeats_and_ratios_pair_them() -> None:

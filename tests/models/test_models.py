@@ -65,7 +65,7 @@ def test_overfits_fifty_samples(case: str) -> None:
     dense, kjt, labels = tiny_batch(50, seed=1)
     assign = torch.randint(0, 2, (50,), generator=torch.Generator().manual_seed(2))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(400):
+    for _ in range(800):  # dropout (ple_wide) slows memorising: 400 steps left 0.14 on seed 0
         opt.zero_grad()
         loss, parts = _loss(model, dense, kjt, labels, assign)
         loss.backward()
