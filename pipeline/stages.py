@@ -1,10 +1,14 @@
 """Stage 1, ``pretrain(cfg)``: check inputs, build, shard, (resume,) train, checkpoint.
 
-Everything that can be wrong with the inputs is checked before the first step: the shards'
-schema (``schema.json``), every configured feature and label column (``ConfigError`` /
-``DataError`` naming them), the shards' columns and types (``ShardDataset``), the embedding
+Everything that can be wrong with the inputs is checked before the run folder is created: the
+shards' schema (``schema.json``), every configured feature and label column (``ConfigError`` /
+``DataError`` naming them), the shards' columns and types (``ShardDataset``), their values
+(``mptrec.data_loaders.validate``: statistics of every row group, and the rows of every row
+group of a split up to 2M rows, else of the first row group of each shard), the embedding
 widths and sharding types (``ShardingError``), the plan for this world size, and on resume the
-checkpoint's model identity (``CheckpointError`` naming both models).
+checkpoint's model identity (``CheckpointError`` naming both models). A run that fails
+before its first checkpoint removes what it wrote (the run folder, when it created it);
+once a checkpoint exists, everything stays for ``--resume``.
 
 Run folder (``cfg.out_dir``)::
 
@@ -16,6 +20,7 @@ Run folder (``cfg.out_dir``)::
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -27,7 +32,8 @@ import torch.distributed as dist
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
 from mptrec.data_loaders.layout import read_schema
-from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.data_loaders.schema import DataError, FeatureSpec
+from mptrec.data_loaders.validate import validate_dataset
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.checkpoint import (
     CheckpointError,
@@ -105,17 +111,63 @@ class ShardData:
         return self._iterate(self.valid_ds) if self.valid_ds is not None else None
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> Path:
+def _validate_data(data: ShardData, rank: int, group: dist.ProcessGroup | None) -> None:
+    """Check the train and validation shards before the run folder exists (collective).
+
+    Rank 0 checks (:func:`mptrec.data_loaders.validate.validate_dataset`: every row group's
+    statistics, and every row group of a split up to ``FULL_SCAN_ROWS`` rows, else the first
+    of each shard) and broadcasts the first problem, so every rank raises the same
+    :class:`DataError` and none waits in a collective.
+    """
+    problem = ""
+    if rank == 0:
+        try:
+            validate_dataset([data.train_ds, data.valid_ds])
+        except DataError as e:
+            problem = str(e)
+    if dist.get_world_size(group) > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                                   group=group)
+        problem = box[0]
+    if problem:
+        raise DataError(problem)
+
+
+_RUN_FILES = ("config.json", "plan.txt", "metrics.jsonl", "tb", "checkpoints")
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> tuple[Path, list[Path]]:
+    """Create the run folder (rank 0); returns it and what did not exist before (to undo on failure)."""
     run_dir = Path(cfg.out_dir)
     if not resume and find_checkpoints(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds checkpoints ({find_checkpoints(run_dir)[-1][1].name}, ...): pass "
             "--resume to continue that run, or choose another out_dir (--set out_dir=...)"
         )
+    new: list[Path] = []
     if rank == 0:
+        if not run_dir.exists():
+            top = run_dir
+            while not top.parent.exists():
+                top = top.parent
+            new.append(top)
+        else:
+            new += [run_dir / name for name in _RUN_FILES if not (run_dir / name).exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(cfg, run_dir / "config.json")
-    return run_dir
+    return run_dir, new
+
+
+def _undo_run_dir(run_dir: Path, new: list[Path]) -> None:
+    """After a failed run: remove what it created, unless a checkpoint exists (--resume needs it all)."""
+    if find_checkpoints(run_dir):
+        return
+    for path in new:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def pretrain(
@@ -152,6 +204,7 @@ def pretrain(
     schema = read_schema(cfg.data.path)
     model, features = build_from_config(cfg, schema)
     data = ShardData(cfg, features, rank, world, device)  # checks the shards' columns and types
+    _validate_data(data, rank, group)  # and their values, before anything is written
     em_store = None
     if model.uses_em:
         rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
@@ -159,7 +212,20 @@ def pretrain(
     wrapper = TrainWrapper(model, em_store)
     sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, device, group,
                           batch_size=cfg.data.batch_size, r_emb=cfg.model.r_emb)
-    run_dir = _prepare_run_dir(cfg, resume, rank)
+    run_dir, new = _prepare_run_dir(cfg, resume, rank)
+    try:
+        return _train(cfg, run_dir, sharded, features, wrapper, data, device, em_store, resume, rank, world,
+                      progress, verbose, group, on_step)
+    except BaseException:
+        if rank == 0:
+            _undo_run_dir(run_dir, new)
+        raise
+
+
+def _train(cfg: RunConfig, run_dir: Path, sharded: Any, features: list[FeatureSpec], wrapper: TrainWrapper,
+           data: ShardData, device: torch.device, em_store: EMLabelStore | None, resume: bool, rank: int,
+           world: int, progress: bool, verbose: bool, group: dist.ProcessGroup | None,
+           on_step: Callable[[int, Mapping[str, torch.Tensor]], None] | None) -> TrainResult:
     if rank == 0:
         (run_dir / "plan.txt").write_text(sharded.plan_text)
         if verbose:
