@@ -20,6 +20,11 @@ renames it to ``step-N`` (``os.replace``), points ``best`` (a relative symlink) 
 the best so far, and deletes all but the last ``train.keep_last`` checkpoints (never the best).
 A multi-node run needs ``out_dir`` on a shared file system.
 
+Damage: ``meta.json`` lists every file of the checkpoint with its size; :func:`verify_checkpoint`
+checks them (and the byte ranges DCP's ``.metadata`` refers to) before any load, naming a
+missing or truncated file, and ``--resume`` skips a damaged last checkpoint for the previous
+complete one (:func:`latest_complete_checkpoint`).
+
 Loading into a different world size (resharding) is DCP's job: each rank reads the pieces of
 its own shards; tested 2 -> 1 and 1 -> 2 processes (``tests/pipeline/test_checkpoint.py``). RNG
 states are restored only when the world size is unchanged (exact resume).
@@ -56,12 +61,14 @@ __all__ = [
     "checkpoint_meta",
     "find_checkpoints",
     "latest_checkpoint",
+    "latest_complete_checkpoint",
     "library_versions",
     "load_backbone",
     "load_checkpoint",
     "read_meta",
     "resolve_checkpoint",
     "save_checkpoint",
+    "verify_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -293,6 +300,69 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check that a checkpoint folder is whole before loading it; return its ``meta.json``.
+
+    Checks every file listed in ``meta.json`` ``files`` (written with its size when the
+    checkpoint was saved) is present with that size, and that every byte range DCP's
+    ``.metadata`` refers to lies inside an existing file (also for checkpoints written before
+    ``files`` was recorded).
+
+    Raises:
+        CheckpointError: naming the missing, truncated or unreadable file.
+    """
+    ckpt = Path(path)
+    meta = read_meta(ckpt)
+    files = meta.get("files")
+    if isinstance(files, dict):
+        for rel, size in files.items():
+            f = ckpt / rel
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (listed in {ckpt / 'meta.json'}); the checkpoint is "
+                                      "incomplete")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {ckpt / 'meta.json'} records {size} "
+                                      "(truncated or damaged)")
+    if not (ckpt / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt / '.metadata'}: missing; {ckpt} is not a complete DCP checkpoint")
+    try:
+        storage = dcp.FileSystemReader(str(ckpt)).read_metadata().storage_data
+    except Exception as e:  # noqa: BLE001 - any unpickling error means a damaged file
+        raise CheckpointError(f"{ckpt / '.metadata'}: unreadable ({type(e).__name__}: {e})") from e
+    sizes: dict[str, int] = {}
+    for info in (storage or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if rel is None:
+            continue
+        if rel not in sizes:
+            f = ckpt / rel
+            if not f.is_file():
+                raise CheckpointError(f"{f}: missing (a shard file named by {ckpt / '.metadata'})")
+            sizes[rel] = f.stat().st_size
+        end = int(info.offset) + int(info.length)
+        if end > sizes[rel]:
+            raise CheckpointError(f"{ckpt / rel}: {sizes[rel]} bytes, but {ckpt / '.metadata'} reads up to "
+                                  f"byte {end} (truncated)")
+    return meta
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes :func:`verify_checkpoint`, and why newer ones were skipped.
+
+    ``--resume`` uses it: a damaged last checkpoint (a truncated or missing file) is skipped,
+    named in the returned notes, and the run resumes from the previous complete one.
+    """
+    notes: list[str] = []
+    for _, path in reversed(find_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            notes.append(f"skipped damaged checkpoint {path.name}: {e}")
+            continue
+        return path, notes
+    return None, notes
+
+
 # --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
@@ -359,7 +429,10 @@ def save_checkpoint(
             torch.save(dict(em_labels), tmp / "em_labels.pt")
         (tmp / "plan.txt").write_text(plan_text)
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n")
-        meta = {"format": FORMAT_VERSION, **identity, "step": state.step, "epoch": state.epoch,
+        files = {f.relative_to(tmp).as_posix(): f.stat().st_size
+                 for f in sorted(tmp.rglob("*")) if f.is_file() and f.name != "meta.json"}
+        meta = {"format": FORMAT_VERSION, **identity, "files": files, "step": state.step,
+                "epoch": state.epoch,
                 "batches_in_epoch": state.batches_in_epoch, "world_size": _world(group),
                 "train_state": asdict(state), "metric": dict(metric) if metric else None,
                 "versions": library_versions(), "created": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -419,6 +492,17 @@ def _init_lazy_states(optimizer: Any) -> None:
             opt.zero_grad()
 
 
+def _dcp_load(sd: dict[str, Any], ckpt: Path, group: dist.ProcessGroup | None) -> None:
+    """``dcp.load``, with a failure to read the files reported as a CheckpointError naming the folder."""
+    try:
+        dcp.load(sd, checkpoint_id=ckpt, process_group=group)
+    except CheckpointError:
+        raise
+    except (OSError, EOFError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt}: cannot load the DCP files ({type(e).__name__}: {first})") from e
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -447,12 +531,12 @@ def load_checkpoint(
         A :class:`LoadedCheckpoint`.
     """
     ckpt = Path(path)
-    meta = read_meta(ckpt)
+    meta = verify_checkpoint(ckpt)
     check_compatible(ckpt, meta, identity)
     _init_lazy_states(optimizer)
     backbone = backbone_state_dict(module, prefix)
     sd: dict[str, Any] = {"model": backbone, "optim": optimizer.state_dict()}
-    dcp.load(sd, checkpoint_id=ckpt, process_group=group)
+    _dcp_load(sd, ckpt, group)
     result = module.load_state_dict({prefix + k: v for k, v in sd["model"].items()}, strict=False)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
@@ -512,7 +596,7 @@ def load_backbone(
             or with another shape (the message names the key and both shapes).
     """
     path = resolve_checkpoint(run_dir, checkpoint)
-    meta = read_meta(path)
+    meta = verify_checkpoint(path)
     target = model.state_dict()
     wanted = {k: target.get(prefix + k) for k in meta["shapes"]}
     current = {"model": model_name if model_name is not None else meta["model"],
@@ -523,7 +607,7 @@ def load_backbone(
                "shapes": {k: _global_shape(v) for k, v in wanted.items() if v is not None}}
     check_compatible(path, meta, current, backbone_only=True)
     sd = {"model": wanted}
-    dcp.load(sd, checkpoint_id=path, process_group=group)
+    _dcp_load(sd, path, group)
     result = model.load_state_dict({prefix + k: v for k, v in sd["model"].items()}, strict=False)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:

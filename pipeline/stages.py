@@ -41,7 +41,7 @@ from mptrec.pipeline.checkpoint import (
     backbone_state_dict,
     checkpoint_meta,
     find_checkpoints,
-    latest_checkpoint,
+    latest_complete_checkpoint,
     load_checkpoint,
 )
 from mptrec.pipeline.config import RunConfig, write_resolved
@@ -248,7 +248,13 @@ def _resume(cfg: RunConfig, run_dir: Path, resume: bool, sharded: Any, identity:
             em_store: EMLabelStore | None, rank: int, verbose: bool,
             group: dist.ProcessGroup | None) -> tuple[TrainState, MetricsLogger]:
     logger = MetricsLogger(run_dir, enabled=rank == 0)
-    path = latest_checkpoint(run_dir) if resume else None
+    path, skipped = latest_complete_checkpoint(run_dir) if resume else (None, [])
+    if rank == 0 and verbose:
+        for note in skipped:
+            print(f"--resume: {note}", file=sys.stderr)
+    if path is None and skipped:
+        raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} ("
+                              + "; ".join(skipped) + ")")
     if path is None:
         if resume and rank == 0 and verbose:
             print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from scratch",

@@ -211,3 +211,50 @@ def test_checkpoints_reshard_from_two_processes_to_one_and_back(tmp_path: Path) 
     torch.testing.assert_close(torch.tensor(other["plain"]), torch.tensor(one["saved_preds"]))
     assert other["with_head"] == one["saved_preds"] and other["head_untouched"]
     assert "model 'mptrec'" in other["mismatch"] and "'mmoe'" in other["mismatch"]
+
+
+# ---- damaged checkpoints -------------------------------------------------------------------------
+
+
+def _three_checkpoints(tmp_path: Path) -> list[Path]:
+    module = _Toy()
+    ident = {"model": "toy", "features": [], "tasks": ["a"], "shapes": {"weight": [2, 3], "bias": [2]}}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, module=module, prefix="model.", optimizer=_Opt(),
+                        state=TrainState(step=step), identity=ident, keep_last=3)
+    return [p for _, p in find_checkpoints(tmp_path)]
+
+
+def test_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path: Path) -> None:
+    from mptrec.pipeline.checkpoint import latest_complete_checkpoint, verify_checkpoint
+
+    paths = _three_checkpoints(tmp_path)
+    for p in paths:
+        meta = verify_checkpoint(p)
+        assert "__0_0.distcp" in meta["files"] and ".metadata" in meta["files"]
+    assert latest_complete_checkpoint(tmp_path) == (paths[2], [])
+    shard = paths[2] / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-7])  # truncated
+    with pytest.raises(CheckpointError, match=rf"^{shard}: \d+ bytes, .*meta.json records \d+ \(truncated"):
+        verify_checkpoint(paths[2])
+    (paths[1] / "__0_0.distcp").unlink()  # missing shard
+    with pytest.raises(CheckpointError, match=rf"^{paths[1] / '__0_0.distcp'}: missing"):
+        verify_checkpoint(paths[1])
+    path, notes = latest_complete_checkpoint(tmp_path)
+    assert path == paths[0]
+    assert [n.split(":")[0] for n in notes] == ["skipped damaged checkpoint step-000003",
+                                                 "skipped damaged checkpoint step-000002"]
+    # a checkpoint written before meta.json listed its files: DCP's byte ranges still catch it
+    meta_path = paths[0] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    verify_checkpoint(paths[0])
+    shard = paths[0] / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(CheckpointError, match=rf"^{shard}: 10 bytes, but .*\.metadata reads up to byte"):
+        verify_checkpoint(paths[0])
+    (paths[0] / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match=r"\.metadata: unreadable"):
+        verify_checkpoint(paths[0])
+    assert latest_complete_checkpoint(tmp_path)[0] is None

@@ -8,10 +8,13 @@ exact stderr are what a user sees.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -123,15 +126,46 @@ def _crash_runs(rank: int, world: int, data: str, tmp: str) -> dict[str, object]
         return on_step
 
     out: dict[str, object] = {}
+    losses: dict[int, float] = {}
     for name, step, every in (("early", 2, 0), ("late", 8, 3)):
         run = Path(tmp) / name / "run"
-        cfg = debug_config(Path(data), run, f"train.checkpoint_every={every}")
+        cfg = debug_config(Path(data), run, f"train.checkpoint_every={every}", "train.keep_last=3")
         try:
             pretrain(cfg, device=torch.device("cpu"), progress=False, verbose=False, on_step=crash_at(step))
         except _Crash:
             pass
         out[name] = sorted(p.name for p in run.iterdir()) if run.exists() else None
         out[f"{name}_parent"] = (Path(tmp) / name).exists()
+    # truncate the last checkpoint (step 6): --resume names it, falls back to step 3, and the steps
+    # it re-trains give the crashed run's losses exactly
+    run = Path(tmp) / "late" / "run"
+    shard = run / "checkpoints" / "step-000006" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+
+    first: dict[int, float] = {}
+
+    def recorder(into: dict[int, float]):  # noqa: ANN202
+        def on_step(step: int, parts: Any) -> None:
+            into[step] = float(sum(v.detach().sum() for v in parts.values()))
+            if step == 7:
+                raise _Crash
+        return on_step
+
+    cfg = debug_config(Path(data), Path(tmp) / "ref", "train.checkpoint_every=3")
+    try:
+        pretrain(cfg, device=torch.device("cpu"), progress=False, verbose=False, on_step=recorder(first))
+    except _Crash:
+        pass
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            pretrain(debug_config(Path(data), run, "train.checkpoint_every=3", "train.keep_last=3"),
+                     device=torch.device("cpu"), resume=True, progress=False, on_step=recorder(losses))
+        except _Crash:
+            pass
+    out["resume_log"] = err.getvalue()
+    out["resumed"] = losses
+    out["reference"] = first
     return out
 
 
@@ -143,3 +177,10 @@ def test_a_crash_before_the_first_checkpoint_leaves_nothing_after_it_everything(
     assert out["early"] is None and out["early_parent"] is False
     assert out["late"] is not None and {"checkpoints", "config.json", "metrics.jsonl", "plan.txt"} <= set(
         out["late"])
+    log = str(out["resume_log"])
+    assert "--resume: skipped damaged checkpoint step-000006: " in log and "__0_0.distcp: " in log, log
+    assert "resumed from " in log and "step-000003 (step 3," in log, log
+    resumed, reference = out["resumed"], out["reference"]
+    assert isinstance(resumed, dict) and isinstance(reference, dict)
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
