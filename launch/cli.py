@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("cmd_eval", "offline evaluation: exact AUC of every registered task"),
     "report": ("cmd_report", "Markdown report with paper-style tables and plots"),
     "bench": ("cmd_bench", "throughput benchmarks (loader, stage 1, new task, evaluation)"),
+    "export": ("cmd_export", "serving: the backbone and every trained task as one torch.export artifact"),
+    "predict": ("cmd_predict", "serving: batch-score Parquet shards with an exported artifact"),
 }
 
 

@@ -2,7 +2,7 @@
 # torchx reads component signatures from the source (torchx.specs.file_linter) and accepts only
 # typing.List / typing.Dict / typing.Optional there, not list[str] or `str | None`; and it evaluates
 # the annotations at run time, so this file must not use `from __future__ import annotations`.
-r"""torchx components for ``mptrec`` jobs: train, prompt_tune, evaluate, convert.
+r"""torchx components for ``mptrec`` jobs: train, prompt_tune, evaluate, convert, predict.
 
 Each component returns a :class:`torchx.specs.AppDef` built by ``torchx.components.dist.ddp``:
 ``-j NxM`` starts N nodes (scheduler replicas) with one ``torchrun`` each, and M processes per
@@ -279,5 +279,59 @@ def convert(
     """
     return _mptrec_job(
         "convert", ["data", *args], j=j, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env,
+        max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, name=name, debug=debug,
+    )
+
+
+def predict(
+    *args: str,
+    model: str,
+    data: str,
+    out: str,
+    split: str = "test",
+    batch_size: int = 8192,
+    j: str = "1x1",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    image: str = "",
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+    name: str = "",
+    debug: bool = False,
+) -> specs.AppDef:
+    """Serving: batch-score a split with an artifact from ``mptrec export`` (``mptrec predict``).
+
+    With ``-j 1xN`` the N ranks share the split's row groups (every row scored once) and rank 0
+    writes the one output file; the artifact needs no GPU and no process group of its own.
+
+    Args:
+        args: further ``mptrec predict`` options, passed through unchanged after ``--``
+            (e.g. -- --threads 1 --no-progress).
+        model: artifact folder (model.pt2, manifest.json).
+        data: shard folder (with schema.json).
+        out: output Parquet file (sample_id, <task>_prob, <task>_logit).
+        split: split to score.
+        batch_size: rows per program call.
+        j: {nnodes}x{nproc_per_node}.
+        h: torchx named resource per node (takes precedence over cpu, gpu and memMB).
+        cpu: CPUs per node.
+        gpu: GPUs per node.
+        memMB: host memory per node in MB.
+        image: container image with mptrec installed (Kubernetes); ignored by local_cwd and slurm.
+        env: extra environment variables (e.g. FOO=bar).
+        mounts: volume/bind mounts (type=bind,src=/host,dst=/job[,readonly]) for container schedulers.
+        max_retries: scheduler-level retries of the whole job.
+        rdzv_port: port of the c10d rendezvous on the first node (multi-node jobs).
+        name: {experiment}/{run} name; the run part defaults to the component name.
+        debug: set PyTorch's distributed debug variables.
+    """
+    cli = ["predict", "--model", model, "--data", data, "--out", out, "--split", split,
+           "--batch-size", str(batch_size), *args]
+    return _mptrec_job(
+        "predict", cli, j=j, image=image, h=h, cpu=cpu, gpu=gpu, memMB=memMB, env=env,
         max_retries=max_retries, rdzv_port=rdzv_port, mounts=mounts, name=name, debug=debug,
     )
