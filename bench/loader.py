@@ -89,7 +89,7 @@ def training_bottleneck(s: Settings, schema: dict[str, Any], group: Any) -> dict
     trainer.detach()
     fed = build_stage1(cfg, schema, group=group)  # its own pipeline: no in-flight in-memory batches
     e2e = {}
-    for n in sorted({workers, 0}, reverse=True):
+    for n in sorted({workers, 0, 2}, reverse=True):  # in-process vs 2 worker processes, always
 
         def end_to_end(n: int = n) -> float:
             t0 = time.perf_counter()

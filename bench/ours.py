@@ -143,6 +143,17 @@ class Prompt:
         self.optimizer.step()
         return float(loss.detach())
 
+    def step_on_features(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> float:
+        """The job's step on cached backbone features (``feature_cache_mib``); returns the loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.head(feats)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if self.r_dnn > 0:
+            loss = loss + self.r_dnn * self.head.l2_penalty()
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
 
 def build_prompt(
     cfg: RunConfig,

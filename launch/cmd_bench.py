@@ -88,13 +88,9 @@ def run(args: argparse.Namespace) -> int:
         config=args.config,
         command=command,
     )
-    for key in (
-        "stage1_speedup_vs_plain_pytorch",
-        "stage1_speedup_vs_sparse_pytorch",
-        "stage1_speedup_vs_plain_pytorch_width32",
-        "prompt_tune_time_fraction_of_full",
-        "loader_fraction_of_bare_read",
-    ):
+    from mptrec.bench.run import TARGETS
+
+    for key in TARGETS:
         value = results.get(key)
         print(f"{key}: {'n/a' if value is None else f'{value:.3f}'}")
     print(f"results: {args.out}, {markdown}")

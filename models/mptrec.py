@@ -356,7 +356,9 @@ class MPTRecNewTaskHead(NewTaskHead):
             (B,) logits.
         """
         w = self.transfer_weights(feats)
-        h_new = torch.bmm(w.unsqueeze(1), feats["h_specific"]).squeeze(1)  # Eq. 12
+        # Eq. 12; a broadcast product summed over K: a (B, 1, K) x (B, K, H) bmm runs B tiny
+        # matrix products, measured ~15x slower fwd+bwd on CPU at B=2000, K=2, H=64
+        h_new = (w.unsqueeze(-1) * feats["h_specific"]).sum(dim=1)
         tilde = h_new * self.prompt  # Eq. 13
         g = torch.softmax(self.gate(feats["e"]), dim=-1)  # Eq. 14
         fused = g[:, 0:1] * tilde + g[:, 1:2] * feats["h_shared"]

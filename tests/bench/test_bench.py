@@ -149,6 +149,12 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     assert set(stage1) >= {"min", "median", "max", "values"} and len(stage1["values"]) == 2
     assert saved["new_task"]["variants"]["paper_prompt"]["backbone_grad_mib"] > 0
     assert saved["new_task"]["variants"]["prompt_tune"]["backbone_grad_mib"] == 0
+    cached = saved["new_task"]["variants"]["prompt_tune_cached"]
+    assert cached["backbone_grad_mib"] == 0 and cached["cache_fill_s"]["median"] > 0
+    # the headline charges the cache fill: above the cached epochs' own fraction
+    nt = saved["new_task"]
+    assert nt["time_fraction_of_full"]["median"] > nt["time_fraction_of_full_cached_epoch"]["median"]
+    assert set(saved["loader"]["training"]["end_to_end_by_workers"]) >= {"0", "2"}
     text = md.read_text()
     for heading in ("Stage-1 training throughput", "New task cost", "Dense-side speedups", "Loader"):
         assert heading in text
