@@ -59,6 +59,7 @@ from mptrec.pipeline.config import PromptTuneConfig, to_dict
 from mptrec.pipeline.efficiency import EpochClock, cuda_peak_mib, peak_rss_mib
 from mptrec.pipeline.registry import (
     check_base_unchanged,
+    file_sha256,
     load_registry,
     prompt_config,
     record_result,
@@ -474,7 +475,8 @@ def _save(s: Stage2, res: StageResult, metrics: dict[str, Any], efficiency: dict
             "metrics": metrics, "versions": library_versions(), "adapter_params": list(s.head.state_dict())}
     write_json_atomic(out / "meta.json", meta)
     write_json_atomic(out / "efficiency.json", efficiency)
-    record_result(s.run_dir, s.cfg.name, status="trained", metrics=metrics, efficiency=efficiency)
+    record_result(s.run_dir, s.cfg.name, status="trained", metrics=metrics, efficiency=efficiency,
+                  artifact_sha256=file_sha256(head_path))
     return head_path
 
 
@@ -490,6 +492,9 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
     from mptrec.pipeline.metrics_log import MetricsLogger
 
     before = backbone_digest(s.pm.backbone)
+    if not before or not any("embedding" in k for k in before):
+        raise RuntimeError(f"the backbone digest covers no embedding table ({sorted(before)[:5]}); "
+                           "the freeze could not be proved")
     trainable, total = count_parameters(s.pm.model)
     if s.rank == 0 and progress:
         print(f"prompt-tune {s.cfg.name}: method {s.cfg.method}, trainable {trainable:,} of {total:,} "
@@ -504,7 +509,8 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
     if changed:
         raise RuntimeError(f"the frozen backbone changed during prompt tuning: {changed[:5]}")
     metrics = {"valid_auc": res.best_auc, "best_epoch": res.best_epoch, "epochs_run": len(res.valid),
-               "steps": res.steps, "valid_history": res.valid, "backbone_unchanged": True}
+               "steps": res.steps, "valid_history": res.valid, "backbone_unchanged": after == before,
+               "backbone_tensors_checked": len(before)}
     efficiency = _efficiency(s, res)
     artifact = task_dir(s.run_dir, s.cfg.name) / "head.pt"
     if s.rank == 0:

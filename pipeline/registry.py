@@ -10,7 +10,7 @@ hash), artefact, metrics and efficiency figures. Shape (``version`` 1)::
                       "role": "pretrained" | "prompt_tuned", "method", "description",
                       "base_checkpoint", "base_checkpoint_sha256", "artifact", "config",
                       "created", "status": "registered" | "trained",
-                      "metrics": {...}, "efficiency": {...}}}}
+                      "metrics": {...}, "efficiency": {...}, "artifact_sha256"}}}
 
 Paths in the registry are relative to the run directory (so a run directory can be moved).
 Every write is atomic (temporary file, then ``os.replace``) and happens under an exclusive
@@ -51,8 +51,10 @@ from mptrec.pipeline.config import (
 __all__ = [
     "REGISTRY_FILE",
     "RegistryError",
+    "check_artifact",
     "check_base_unchanged",
     "compatible_methods",
+    "file_sha256",
     "format_table",
     "hash_checkpoint",
     "load_registry",
@@ -497,8 +499,14 @@ def prompt_config(run_dir: str | os.PathLike[str], name: str,
 
 def record_result(run_dir: str | os.PathLike[str], name: str, *, status: str = "trained",
                   metrics: Mapping[str, Any] | None = None,
-                  efficiency: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  efficiency: Mapping[str, Any] | None = None,
+                  artifact_sha256: str | None = None) -> dict[str, Any]:
     """Update a task's status, metrics and efficiency in the registry (atomically, locked).
+
+    ``artifact_sha256`` (the SHA-256 of the head file written just before) ties the entry to
+    those exact bytes: a prompt-tune re-run that crashes after replacing ``head.pt`` but before
+    this update leaves an entry whose recorded hash no longer matches, which
+    :func:`check_artifact` reports.
 
     Returns:
         The updated entry.
@@ -514,9 +522,39 @@ def record_result(run_dir: str | os.PathLike[str], name: str, *, status: str = "
             entry["metrics"] = dict(metrics)
         if efficiency is not None:
             entry["efficiency"] = dict(efficiency)
+        if artifact_sha256 is not None:
+            entry["artifact_sha256"] = artifact_sha256
         entry["updated"] = _now()
         write_json_atomic(run / REGISTRY_FILE, registry)
     return entry
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of one file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_artifact(run_dir: str | os.PathLike[str], entry: Mapping[str, Any]) -> Path:
+    """A trained task's head file, checked against the hash recorded with its result.
+
+    Raises:
+        RegistryError: the file is missing, or its bytes are not those the registry's metrics
+            describe (a prompt-tune run died between writing the head and updating the registry).
+    """
+    path = _abs(run_dir, str(entry["artifact"]))
+    if not path.is_file():
+        raise RegistryError(f"task {entry['name']!r}: artifact {path} is missing")
+    recorded = entry.get("artifact_sha256")
+    if recorded and file_sha256(path) != recorded:
+        raise RegistryError(
+            f"task {entry['name']!r}: artifact {path} is not the one registered (sha256 "
+            f"{file_sha256(path)[:12]}... != recorded {str(recorded)[:12]}...); re-run mptrec prompt-tune"
+        )
+    return path
 
 
 def trained_prompt_tasks(registry: Mapping[str, Any]) -> list[dict[str, Any]]:

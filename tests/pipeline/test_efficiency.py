@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
-from mptrec.pipeline.efficiency import EpochClock, peak_rss_mib, ratio
+from mptrec.pipeline.efficiency import EpochClock, ratio
 
 
 def test_ratio() -> None:
     assert ratio(1, 4) == 0.25 and ratio(1, 0) is None
 
 
+_RSS_PROBE = """
+import json, subprocess, sys
+import numpy as np
+from mptrec.pipeline.efficiency import peak_rss_mib
+own0, kids0 = peak_rss_mib(), peak_rss_mib(children=True)
+a = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
+own1 = peak_rss_mib()
+child = "import numpy as np; b = np.ones(300 * 2**20 // 8); b += 1"
+subprocess.run([sys.executable, "-c", child], check=True)
+print(json.dumps([own0, own1, kids0, peak_rss_mib(children=True), peak_rss_mib()]))
+"""
+
+
 def test_peak_rss_grows_with_allocation_and_children() -> None:
-    before = peak_rss_mib()
-    assert before > 10
-    code = "import numpy as np; a = np.ones(80 * 2**20 // 8); a += 1"
-    subprocess.run([sys.executable, "-c", code], check=True)
-    assert peak_rss_mib(children=True) >= 80
+    # in a fresh process, whose peak is not already above what the test allocates
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE], check=True, capture_output=True, text=True)
+    own0, own1, kids0, kids1, own2 = json.loads(out.stdout.splitlines()[-1])
+    assert 10 < own0 and 190 <= own1 - own0 <= 230  # this process: +200 MiB
+    # RUSAGE_CHILDREN: the 300 MiB child (Linux counts what it shared with this process before exec)
+    assert kids0 < 100 and 300 <= kids1 <= own1 + 400
+    assert own2 == own1  # the child's memory is not this process's
 
 
 def test_epoch_clock_summary() -> None:

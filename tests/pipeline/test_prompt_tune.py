@@ -159,6 +159,53 @@ def _stage2(rank: int, world: int, data: str, run: str,
     out["digest_equals_fresh_load"] = backbone_digest(unwrap_dmp(served).backbone) == loaded
     out["scen_logits"] = after["scen"].numpy().copy()
     out["result"] = result
+    out["num_backbone_tensors"] = len(loaded)
+    out.update(_mutate_one_row(s, run, loaded))
+    return out
+
+
+def _mutate_one_row(s: Any, run: str, loaded: dict[str, str]) -> dict[str, Any]:
+    """The digest sees a change of ONE embedding row, and run_stage2 refuses such a backbone."""
+    import dataclasses
+
+    import mptrec.pipeline.prompt_tune as pt
+    from mptrec.pipeline.serving import backbone_digest
+
+    sd = s.pm.backbone.state_dict()
+    key = next(k for k in sorted(sd) if "embedding" in k and hasattr(sd[k], "local_shards")
+               and sd[k].local_shards())
+    row = sd[key].local_shards()[0].tensor[0]  # a view of this rank's shard of the table
+    original_row = row.clone()
+    out: dict[str, Any] = {"mutated_key": key}
+    with torch.no_grad():
+        row[0] += 1.0
+    now = backbone_digest(s.pm.backbone)
+    out["digest_changed_keys"] = sorted(k for k in now if now[k] != loaded[k])
+    with torch.no_grad():
+        row.copy_(original_row)
+    out["digest_restored"] = backbone_digest(s.pm.backbone) == loaded
+    registry = Path(run) / "tasks.json"
+    before = registry.read_bytes()
+    train_head = pt.train_head
+
+    def train_and_mutate(st: Any, **kw: Any) -> Any:  # a bug that writes one row during training
+        res = train_head(st, **kw)
+        with torch.no_grad():
+            row[0] += 1.0
+        return res
+
+    pt.train_head = train_and_mutate
+    s.cfg = dataclasses.replace(s.cfg, epochs=1)
+    try:
+        pt.run_stage2(s, progress=False)
+        out["refused"] = ""
+    except RuntimeError as e:
+        out["refused"] = str(e)
+    finally:
+        pt.train_head = train_head
+        with torch.no_grad():
+            row.copy_(original_row)
+    out["registry_untouched"] = registry.read_bytes() == before
     return out
 
 
@@ -186,6 +233,11 @@ def test_prompt_tuning_trains_only_the_head_and_keeps_the_backbone(stage2_run: d
         assert r["digest_unchanged"] and r["ckpt_unchanged"] and r["digest_equals_fresh_load"]
         assert r["old_identical"], "old tasks' predictions changed"
         assert r["result"]["metrics"]["backbone_unchanged"] is True
+        assert r["result"]["metrics"]["backbone_tensors_checked"] == r["num_backbone_tensors"] > 0
+        # ONE changed embedding row changes the digest (of that table only), and prompt-tune refuses
+        assert r["digest_changed_keys"] == [r["mutated_key"]] and r["digest_restored"]
+        assert r["refused"].startswith("the frozen backbone changed during prompt tuning: ")
+        assert r["mutated_key"] in r["refused"] and r["registry_untouched"]
     # the head is data-parallel: identical on both ranks after training on different rows
     assert r0["head_state"].keys() == r1["head_state"].keys()
     assert all(np.array_equal(r0["head_state"][k], r1["head_state"][k]) for k in r0["head_state"])

@@ -224,3 +224,19 @@ def test_cli_list_and_register(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["tasks", "register", "--run", str(run), "--task-config", str(cfg)]) == 1
     assert "is taken" in capsys.readouterr().err
     assert (run / "tasks.json").read_bytes() == before
+
+
+def test_artifact_hash_ties_the_entry_to_the_head_bytes(tmp_path: Path) -> None:
+    from mptrec.pipeline.registry import check_artifact, file_sha256
+
+    run = make_run(tmp_path)
+    register_task(run, task_toml(tmp_path))
+    head = run / "tasks" / "scenario" / "head.pt"
+    with pytest.raises(RegistryError, match=r"artifact .*head.pt is missing"):
+        check_artifact(run, load_registry(run)["tasks"]["scenario"])
+    head.write_bytes(b"head-v1")
+    record_result(run, "scenario", metrics={"valid_auc": 0.7}, artifact_sha256=file_sha256(head))
+    assert check_artifact(run, load_registry(run)["tasks"]["scenario"]) == head
+    head.write_bytes(b"head-v2")  # a re-run died after replacing the head, before the registry update
+    with pytest.raises(RegistryError, match=r"is not the one registered \(sha256"):
+        check_artifact(run, load_registry(run)["tasks"]["scenario"])
