@@ -238,8 +238,9 @@ def embedding_optimizer(
         )
     if not dense_tables:
         return EMBEDDING_OPTIMIZERS[name], {"lr": train_cfg.embedding_lr}
-    cls = torch.optim.Adam if name == "adam" else EMBEDDING_OPTIMIZERS[name]
-    return cls, {"lr": train_cfg.embedding_lr, "weight_decay": r_emb}
+    if name == "adam":
+        return torch.optim.Adam, {"lr": train_cfg.embedding_lr, "weight_decay": r_emb, "fused": True}
+    return EMBEDDING_OPTIMIZERS[name], {"lr": train_cfg.embedding_lr, "weight_decay": r_emb}
 
 
 def all_data_parallel(features: Sequence[FeatureSpec], sharding_cfg: ShardingConfig,
@@ -393,7 +394,8 @@ def shard_model(
         # the caller's optimizer: give them the embedding optimizer, not the dense Adam
         dp_tables = {k: v for k, v in plain.items() if _TABLE_KEY.search(k)}
         dense_params = {k: v for k, v in plain.items() if k not in dp_tables}
-        dense = KeyedOptimizerWrapper(dense_params, lambda params: torch.optim.Adam(params, lr=lr))
+        # fused Adam: one kernel for every parameter (foreach Adam's update rule, to float rounding)
+        dense = KeyedOptimizerWrapper(dense_params, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True))
         parts: list[Any] = [("embeddings", dmp.fused_optimizer), ("dense", dense)]
         if dp_tables:
             dp_cls, dp_kwargs = embedding_optimizer(train_cfg, device.type, dense_tables=True, r_emb=r_emb)

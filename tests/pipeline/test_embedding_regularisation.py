@@ -19,7 +19,7 @@ DP = 'sharding.sharding_types=["data_parallel"]'
 def test_dense_tables_take_adam_on_cpu_with_r_emb_as_weight_decay() -> None:
     cfg = TrainConfig(embedding_optimizer="adam", embedding_lr=1e-3)
     cls, kwargs = embedding_optimizer(cfg, "cpu", dense_tables=True, r_emb=0.006)
-    assert cls is torch.optim.Adam and kwargs == {"lr": 1e-3, "weight_decay": 0.006}
+    assert cls is torch.optim.Adam and kwargs == {"lr": 1e-3, "weight_decay": 0.006, "fused": True}
     with pytest.raises(ShardingError, match="'adam' needs CUDA"):
         embedding_optimizer(cfg, "cpu")  # fused tables: FBGEMM's CPU kernel has no Adam
 
