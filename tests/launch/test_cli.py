@@ -8,10 +8,11 @@ import pytest
 from mptrec.launch.cli import SUBCOMMANDS, build_parser, main
 
 
-def test_top_level_help_lists_all_seven_subcommands() -> None:
+def test_top_level_help_lists_every_subcommand() -> None:
     out = subprocess.run([sys.executable, "-m", "mptrec.launch.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
-    assert set(SUBCOMMANDS) == {"data", "train", "tasks", "prompt-tune", "eval", "report", "bench"}
+    assert set(SUBCOMMANDS) == {"data", "train", "tasks", "prompt-tune", "eval", "report", "bench", "export",
+                                "predict"}
     for name in SUBCOMMANDS:
         assert name in out
 
