@@ -2,7 +2,10 @@
 # make demo: the whole pipeline end to end on generated Ali-CCP-shaped data, on this machine.
 #   1 generate shards   2 stage 1 (torchx, 2 processes, sharded tables)   3 register the new task
 #   4 prompt tuning (torchx, 2 processes)   5 offline evaluation (torchx, 2 processes)   6 report
-# Outputs: runs/demo/{data/, checkpoints/, tasks.json, eval.json, report/}.
+#   7 serving: export the backbone and every trained task (torch.export), batch-score the test
+#     split from the artifact alone (torchx, 2 processes)
+# Outputs: runs/demo/{data/, checkpoints/, tasks.json, eval.json, predictions.parquet, report/,
+#   export/model/ (model.pt2, manifest.json), export/predictions.parquet}.
 # Re-running resumes: existing shards are kept, stage 1 resumes from its last checkpoint.
 # DEMO_ROWS (default 200000) sets the generated rows.
 set -euo pipefail
@@ -50,8 +53,14 @@ stage "stage 2: prompt tuning of 'scenario'" \
   torchx run -s local_cwd launch/components.py:prompt_tune --run "$OUT" --task scenario -j "1x$NPROC" \
   --set "lr=1e-2,epochs=10,patience=2"
 stage "offline evaluation (test split, exact AUC)" \
-  torchx run -s local_cwd launch/components.py:evaluate --run "$OUT" --out "$OUT/eval.json" -j "1x$NPROC"
+  torchx run -s local_cwd launch/components.py:evaluate --run "$OUT" --out "$OUT/eval.json" -j "1x$NPROC" \
+  -- --dump-predictions "$OUT/predictions.parquet"
 stage "report" mptrec report "$OUT" --out "$OUT/report"
+stage "export (backbone + every trained task, torch.export)" \
+  mptrec export --run "$OUT" --out "$OUT/export/model" --overwrite
+stage "predict (test split, from the artifact alone)" \
+  torchx run -s local_cwd launch/components.py:predict --model "$OUT/export/model" --data "$OUT/data" \
+  --out "$OUT/export/predictions.parquet" -j "1x$NPROC"
 echo
 mptrec tasks list --run "$OUT"
 .venv/bin/python scripts/demo_summary.py "$OUT"

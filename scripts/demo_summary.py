@@ -38,7 +38,41 @@ def main(out: str) -> int:
         name, secs = line.split("\t")
         print(f"  {name:<48} {int(secs):>5} s")
     print(f"report: {root / 'report' / 'report.md'}")
+    serving_summary(root)
     return 0
+
+
+def serving_summary(root: Path) -> None:
+    """The exported artifact and how its predictions compare with ``mptrec eval``'s dump."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    manifest_path = root / "export" / "model" / "manifest.json"
+    preds = root / "export" / "predictions.parquet"
+    if not manifest_path.is_file() or not preds.is_file():
+        return
+    m = json.loads(manifest_path.read_text())
+    tasks = [t["name"] for t in m["tasks"]]
+    mib = m["program"]["bytes"] / 2**20
+    print(f"serving artifact {manifest_path.parent}: tasks {tasks}, program {mib:.1f} MiB (tables "
+          f"{m['tables']['dtype']}, {m['tables']['rows']:,} rows), checkpoint sha256 "
+          f"{m['run']['checkpoint_sha256'][:12]}")
+    got = pq.read_table(preds).to_pydict()
+    ref_path = root / "predictions.parquet"
+    where = f"predict: {len(got['sample_id'])} rows in {preds}"
+    if not ref_path.is_file():
+        print(where)
+        return
+    ref = pq.read_table(ref_path).to_pydict()
+    if got["sample_id"] != ref["sample_id"]:
+        print(f"{where}; NOT the rows of {ref_path}")
+        return
+    diffs = {}
+    for t in tasks:
+        x, y = np.asarray(got[f"{t}_logit"], np.float32), np.asarray(ref[f"logit_{t}"], np.float32)
+        diffs[t] = float(np.abs(x - y).max())
+    verdict = "equal bit for bit" if not any(diffs.values()) else f"max |dlogit| {diffs}"
+    print(f"{where}; logits vs `mptrec eval --dump-predictions`: {verdict}")
 
 
 if __name__ == "__main__":
