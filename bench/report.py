@@ -265,6 +265,38 @@ def _eval(res: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _growth(res: Mapping[str, Any]) -> list[str]:
+    sec = res.get("growth")
+    lines = ["## How cost grows (rows, table size)", ""]
+    if sec is None or "error" in sec:
+        return lines + _error(sec)
+    rows = [
+        [
+            f"{p['rows']:,}",
+            f"x{p['vocab_scale']} ({p['table_rows']:,} rows, {p['table_mib']:,.0f} MiB)",
+            f"{p['samples_per_s']:,.0f}",
+            f"{p['epoch_s_estimate']:,.0f}",
+            f"{p['rss_after_build_mib']:,.0f}",
+            f"{p['peak_rss_mib']:,.0f}",
+        ]
+        for p in sec["points"]
+    ]
+    lines += _table(
+        ["rows", "tables (vocabulary scale)", "samples/s", "epoch s (est.)", "RSS after build MiB",
+         "peak RSS MiB"],
+        rows,
+    )
+    lines += [
+        f"Stage 1 at the paper's dims fed by the loader from the shards, {sec['steps_per_point']} timed "
+        f"steps of {sec['batch_size']:,} per point, each point in a fresh process; the epoch time is "
+        "extrapolated from the measured samples/s.",
+        "",
+    ]
+    if sec.get("plot"):
+        lines += [f"![growth]({sec['plot']})", ""]
+    return lines
+
+
 def _targets(res: Mapping[str, Any]) -> list[str]:
     t = res.get("targets", {})
     rows = [
@@ -295,6 +327,6 @@ def render(res: Mapping[str, Any]) -> str:
     ]
     for w in res.get("warnings", []):
         lines += [f"**Warning:** {w}.", ""]
-    for part in (_targets, _stage1, _scaling, _profile, _dense, _loader, _new_task, _eval):
+    for part in (_targets, _stage1, _scaling, _profile, _dense, _loader, _new_task, _eval, _growth):
         lines += part(res)
     return "\n".join(lines).rstrip() + "\n"

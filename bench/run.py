@@ -27,7 +27,7 @@ from mptrec.bench.harness import Stat, jsonable, machine_info, thread_info, vers
 #: 1-minute load average above which the results carry a "machine not idle" warning.
 BUSY_LOAD = 0.5
 
-SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval")
+SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth")
 
 #: Headline key -> (path into the results, target, direction).
 TARGETS: dict[str, tuple[tuple[str, ...], float, str]] = {
@@ -103,9 +103,12 @@ def headline(results: dict[str, Any]) -> None:
     results["dense_speedups_summary"] = dense_summary(results)
 
 
-def _sections(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Callable[[], Any]]:
+def _sections(
+    s: Settings, schema: dict[str, Any], group: Any, plot_path: Path
+) -> dict[str, Callable[[], Any]]:
     from mptrec.bench.dense import bf16_auc_check, dense_speedups, profile_stage1
     from mptrec.bench.evalbench import eval_throughput
+    from mptrec.bench.growth import growth, plot
     from mptrec.bench.loader import loader_vs_bare, training_bottleneck
     from mptrec.bench.newtask import new_task
     from mptrec.bench.scaling import scaling
@@ -123,6 +126,12 @@ def _sections(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Call
         workers = run_config(s, PAPER).data.num_workers
         return {"vs_bare": loader_vs_bare(s, workers), "training": training_bottleneck(s, schema, group)}
 
+    def growth_curves() -> dict[str, Any]:
+        out = growth(s)
+        if plot(out, plot_path):
+            out["plot"] = plot_path.name
+        return out
+
     return {
         "stage1": stage1,
         "scaling": lambda: scaling(s),
@@ -132,6 +141,7 @@ def _sections(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Call
         "loader": loader,
         "new_task": lambda: new_task(s, schema, group),
         "eval": lambda: eval_throughput(s, schema, group),
+        "growth": growth_curves,
     }
 
 
@@ -201,7 +211,7 @@ def run_bench(
     if "dense" in chosen:
         chosen.insert(chosen.index("dense") + 1, "bf16_auc")
     with process_group() as group:
-        fns = _sections(s, schema, group)
+        fns = _sections(s, schema, group, out.with_name(out.stem + ".growth.png"))
         for name in chosen:
             print(f"[bench] === {name} ===", file=sys.stderr)
             t0 = time.perf_counter()

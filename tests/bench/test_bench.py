@@ -155,6 +155,26 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     nt = saved["new_task"]
     assert nt["time_fraction_of_full"]["median"] > nt["time_fraction_of_full_cached_epoch"]["median"]
     assert set(saved["loader"]["training"]["end_to_end_by_workers"]) >= {"0", "2"}
+    points = saved["growth"]["points"]
+    grid = [(p["rows"], p["vocab_scale"]) for p in points]
+    assert grid == [(10_000, 1), (10_000, 10), (40_000, 1), (40_000, 10)]
+    assert all(p["samples_per_s"] > 0 and p["peak_rss_mib"] > 0 for p in points)
+    # ten times the table rows hold more memory (weights + optimizer state: 10 x 16 MiB at least)
+    assert points[1]["rss_after_build_mib"] > points[0]["rss_after_build_mib"] + 100
     text = md.read_text()
-    for heading in ("Stage-1 training throughput", "New task cost", "Dense-side speedups", "Loader"):
+    headings = ("Stage-1 training throughput", "New task cost", "Dense-side speedups", "Loader",
+                "How cost grows")
+    for heading in headings:
         assert heading in text
+
+
+def test_scaled_schema_multiplies_only_sparse_tables() -> None:
+    from mptrec.bench.growth import scaled_schema
+
+    schema = {"features": [{"name": "a", "kind": "sparse", "num_embeddings": 7},
+                           {"name": "d", "kind": "dense"}]}
+    scaled = scaled_schema(schema, 10)
+    assert scaled["features"][0]["num_embeddings"] == 70 and "num_embeddings" not in scaled["features"][1]
+    assert schema["features"][0]["num_embeddings"] == 7  # a copy
+    with pytest.raises(ValueError, match="vocab scale"):
+        scaled_schema(schema, 0)
