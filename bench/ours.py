@@ -177,7 +177,7 @@ def build_prompt(
     if not isinstance(inner_head, NewTaskHead):
         raise TypeError(f"expected a NewTaskHead, got {type(inner_head).__name__}")
     sharded.dmp.train()
-    opt = torch.optim.Adam(inner_head.parameters(), lr=lr)
+    opt = torch.optim.Adam(inner_head.parameters(), lr=lr, fused=True)  # as the job
     return Prompt(
         dmp=sharded.dmp,
         backbone=inner.backbone,

@@ -159,7 +159,7 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
     pm = build_prompt_model(run, ckpt, device, {cfg.name: (cfg.method, tower)}, seed=cfg.seed,
                             batch_size=batch_size, group=group)
     head = pm.heads[cfg.name]
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, fused=True)  # one kernel per step
     return Stage2(run_dir=run, cfg=cfg, entry=entry, pm=pm, head=head, optimizer=optimizer,
                   r_dnn=cfg.r_dnn if cfg.r_dnn >= 0 else run_cfg.model.r_dnn, batch_size=batch_size,
                   tower_hidden=tower, device=device, rank=rank, world_size=world, group=group)
