@@ -445,3 +445,17 @@ def test_predict_bad_inputs_write_nothing(served: dict[str, Path],
     assert not out.exists() and not list(tmp.glob(".bad.parquet*"))
     with pytest.raises(ArtifactError, match="no such shard folder"):
         predict(served["b"], tmp / "nope_data", out)
+
+
+@pytest.mark.slow
+def test_serving_benchmark_reports_rates_and_sizes(served: dict[str, Path]) -> None:
+    from mptrec.bench.serving import markdown, serving_bench
+
+    r = serving_bench(served["run"], repeats=1, workdir=served["tmp"])
+    assert r["fp32"]["rows"] == 256 and r["fp32"]["score"].median > 0 and r["fp32"]["size_reduction"] is None
+    for q in ("int8", "fp16"):
+        assert r[q]["size_reduction"] == pytest.approx(0.5)
+        assert r[q]["table_bytes"] * 2 == r["fp32"]["table_bytes"]  # the tiny program is mostly graph
+        assert set(r[q]["auc_delta"]) == {"ctr", "cvr", "scen"}
+    table = markdown(r)
+    assert "| fp32 |" in table and "| int8 |" in table and "-50%" in table
