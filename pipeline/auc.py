@@ -1,8 +1,12 @@
 """Exact offline metrics: ROC-AUC (Mann-Whitney, ties by average rank), logloss, calibration, GAUC.
 
-No binning and no window: every row counts (TorchRec's ``AUCMetric`` keeps a window and
-torchmetrics' binned AUROC is approximate, ../shared/stack.md). A task whose rows are all of one
-class has an undefined AUC, returned as ``None`` (JSON ``null``), never 0.5.
+No binning and no window: every row counts. TorchRec's ``AUCMetric`` keeps a window
+(../shared/stack.md). torchmetrics' ``BinaryAUROC(thresholds=None)`` is exact in principle and is
+the independent oracle of this module's tests, but it accumulates its counts in float32, so it is
+inexact beyond 2^24 rows (the counts round), it turns scores outside [0, 1] into probabilities
+with a float32 sigmoid (which ties distinct large logits), and it has no grouped AUC (GAUC); here
+the counts are int64, the sums float64 and the scores are ranked as given. A task whose rows are
+all of one class has an undefined AUC, returned as ``None`` (JSON ``null``), never 0.5.
 
 AUC is computed from the scores as given; pass logits rather than probabilities, since
 ``sigmoid`` in float32 maps distinct large logits to the same probability and creates ties.

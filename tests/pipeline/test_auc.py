@@ -37,6 +37,20 @@ def test_exact_auc_equals_sklearn_with_and_without_ties(n: int, distinct: int) -
         assert exact_auc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
+@pytest.mark.parametrize("distinct", [50, 0])
+def test_exact_auc_equals_torchmetrics_binary_auroc(distinct: int) -> None:
+    """A second, independent oracle: torchmetrics' unbinned BinaryAUROC (ties included)."""
+    from torchmetrics.classification import BinaryAUROC
+
+    g = np.random.default_rng(7)
+    n = 20_000
+    # scores in [0, 1]: torchmetrics applies a float32 sigmoid to anything else, which creates ties
+    s = g.integers(0, distinct, n) / distinct if distinct else g.random(n)
+    y = (g.random(n) < 0.2 + 0.6 * s).astype(np.int64)
+    oracle = BinaryAUROC(thresholds=None)(torch.tensor(s), torch.tensor(y)).item()
+    assert exact_auc(s, y) == pytest.approx(oracle, abs=1e-6)  # float32 counts in torchmetrics
+
+
 def test_exact_auc_hand_cases() -> None:
     assert exact_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     assert exact_auc([1.0, 1.0, 1.0, 1.0], [0, 1, 0, 1]) == 0.5  # all tied
