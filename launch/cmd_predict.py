@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec predict``."""
     from mptrec.pipeline.artifact import ArtifactError
-    from mptrec.pipeline.predict import predict
+    from mptrec.pipeline.predict import PredictError, predict
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank, barrier = 0, None
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         result = predict(args.model, args.data, args.out, split=args.split, nproc=args.nproc,
                          batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress,
                          rank=rank, world=world, barrier=barrier)
-    except ArtifactError as e:
+    except (ArtifactError, PredictError) as e:
         print(f"mptrec predict: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     finally:

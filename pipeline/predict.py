@@ -49,10 +49,16 @@ from mptrec.pipeline.artifact import (
     table_inputs,
 )
 
-__all__ = ["PredictPlan", "merge_parts", "plan_predict", "predict", "score_part", "score_units"]
+__all__ = [
+    "PredictError", "PredictPlan", "merge_parts", "plan_predict", "predict", "score_part", "score_units",
+]
 
 DEFAULT_BATCH_SIZE = 8192
 PathLike = str | os.PathLike[str]
+
+
+class PredictError(RuntimeError):
+    """A scoring job that did not complete (a process failed, rows missing); nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -156,20 +162,20 @@ def merge_parts(plan: PredictPlan, world: int) -> int:
         Rows written.
 
     Raises:
-        RuntimeError: a part is missing, or a ``sample_id`` is absent or scored twice.
+        PredictError: a part is missing, or a ``sample_id`` is absent or scored twice.
     """
     tables = []
     for r in range(world):
         path = _part_path(plan, r)
         if not path.is_file():
-            raise RuntimeError(f"{path}: missing; process {r} of {world} did not finish")
+            raise PredictError(f"{path}: missing; process {r} of {world} did not finish (see its error)")
         tables.append(pq.read_table(path))
     table = pa.concat_tables(tables)
     ids = table.column("sample_id").to_numpy()
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     if ids.shape[0] != plan.rows or (ids.size and not np.array_equal(ids, np.arange(plan.rows))):
-        raise RuntimeError(f"{plan.parts_dir}: {ids.shape[0]} rows scored for {plan.rows} in the split, or "
+        raise PredictError(f"{plan.parts_dir}: {ids.shape[0]} rows scored for {plan.rows} in the split, or "
                            "some sample_id is missing or scored twice")
     cols: dict[str, Any] = {"sample_id": pa.array(ids, type=pa.int64())}
     for t in plan.manifest.tasks:

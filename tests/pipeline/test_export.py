@@ -147,6 +147,15 @@ def test_quantised_tables_stay_close_and_are_smaller() -> None:
     assert size["fp16"] * 2 == size["fp32"] and size["int8"] * 2 == size["fp32"]  # width 4: 4 + 2 + 2 bytes
 
 
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import mptrec.pipeline.export as export_module
+
+    result = doctest.testmod(export_module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result
+
+
 def test_predict_component_runs_mptrec_predict() -> None:
     from mptrec.launch.components import predict as component
 
