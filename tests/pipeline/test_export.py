@@ -51,8 +51,9 @@ LIST_VOCAB = 10
 # --------------------------------------------------------------------------------------------
 
 
-def _fresh_model(seed: int = 0) -> tuple[PromptTunedModel, list[FeatureSpec]]:
-    """An MPT-Rec backbone (unsharded EBC: one sum feature, one mean list feature) and a head."""
+def _fresh_model(seed: int = 0, name: str = "mptrec",
+                 method: str = "mptrec") -> tuple[PromptTunedModel, list[FeatureSpec]]:
+    """A backbone (unsharded EBC: one sum feature, one mean list feature) and a new-task head."""
     torch.manual_seed(seed)
     features = [FeatureSpec("d0", kind="dense"), FeatureSpec("a", num_embeddings=7, embedding_dim=4),
                 FeatureSpec("l", num_embeddings=9, embedding_dim=4, multivalent=True, pooling="mean")]
@@ -60,9 +61,9 @@ def _fresh_model(seed: int = 0) -> tuple[PromptTunedModel, list[FeatureSpec]]:
         EmbeddingBagConfig(name="t_a", embedding_dim=4, num_embeddings=7, feature_names=["a"]),
         EmbeddingBagConfig(name="t_l", embedding_dim=4, num_embeddings=9, feature_names=["l"],
                            pooling=PoolingType.MEAN)])
-    base = build_model(ModelConfig(name="mptrec", expert_hidden=(16, 8), tower_hidden=(4,)), ebc,
+    base = build_model(ModelConfig(name=name, expert_hidden=(16, 8), tower_hidden=(4,)), ebc,
                        sparse_features=["a", "l"], dense_dim=1, task_names=["ctr", "cvr"])
-    model = PromptTunedModel(base, {"t3": base.new_task_head("t3", "mptrec")})
+    model = PromptTunedModel(base, {"t3": base.new_task_head("t3", method)})
     return model.eval(), features
 
 
@@ -131,6 +132,25 @@ def test_serving_module_equals_the_eager_model_and_exports_with_dynamic_shapes()
     assert all(torch.equal(out[t], ref[t]) for t in ref)
     ops = {str(n.target) for n in export_program(serving, features).graph.nodes if n.op == "call_function"}
     assert not [o for o in ops if o.startswith(("torchrec", "fbgemm"))], ops
+
+
+@pytest.mark.parametrize(("name", "method"), [("mptrec", "mptrec_res"), ("mptrec", "tes"), ("ple", "ple*"),
+                                            ("mmoe", "mmoe*"), ("shared_bottom", "shared_bottom*"),
+                                            ("single_task", "single_task")])
+def test_every_model_and_head_exports(name: str, method: str) -> None:
+    model, features = _fresh_model(2, name, method)
+    serving = _serving(model, features)
+    args = example_inputs(features, 1, batch=6)
+    values, lengths = args[1], args[2]
+    with torch.no_grad():
+        want = model(args[0], _kjt(values, lengths))
+    program = export_program(serving, features).module()
+    with torch.inference_mode():
+        got, eager = program(*args), serving(*args)
+    assert list(got) == ["ctr", "cvr", "t3"]
+    for t in want:
+        assert torch.equal(got[t], eager[t]), t
+        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
 
 
 def test_quantised_tables_stay_close_and_are_smaller() -> None:
