@@ -228,6 +228,20 @@ class ServingModule(nn.Module):
 
     Shapes:
         ``forward(dense (B, D_dense), values [F x (N_f,)], lengths [F x (B,)])`` -> task -> (B,).
+
+    Example:
+        >>> from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        >>> from mptrec.models import ModelConfig, build_model
+        >>> ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(
+        ...     name="t_a", embedding_dim=4, num_embeddings=10, feature_names=["a"])])
+        >>> base = build_model(ModelConfig(expert_hidden=(8, 4), tower_hidden=(4,)), ebc,
+        ...                    sparse_features=["a"], dense_dim=1, task_names=["ctr", "cvr"])
+        >>> feats = [FeatureSpec("a", num_embeddings=10, embedding_dim=4)]
+        >>> tables = PooledTables(feats, {"a": ebc.embedding_bags["t_a"].weight})
+        >>> serving = ServingModule(base, {"t3": base.new_task_head("t3", "mptrec")}, tables)
+        >>> out = serving(torch.rand(3, 1), [torch.tensor([1, 2, 9])], [torch.ones(3, dtype=torch.long)])
+        >>> {t: v.shape for t, v in out.items()}
+        {'ctr': torch.Size([3]), 'cvr': torch.Size([3]), 't3': torch.Size([3])}
     """
 
     def __init__(self, backbone: MultiTaskModel, heads: Mapping[str, NewTaskHead], tables: PooledTables,

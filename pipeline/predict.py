@@ -233,11 +233,10 @@ def predict(model_dir: PathLike, data_dir: PathLike, out: PathLike, *,
         raise ValueError("predict on several ranks needs a barrier")
     plan = plan_predict(model_dir, data_dir, out, split=split, batch_size=batch_size)
     t0 = time.perf_counter()
-    if world > 1:
+    if barrier is not None and world > 1:
         if rank == 0:
             shutil.rmtree(plan.parts_dir, ignore_errors=True)
             plan.parts_dir.mkdir(parents=True)
-        assert barrier is not None
         barrier()
         try:
             score_part(plan, rank, world, threads=threads, progress=progress and rank == 0)
