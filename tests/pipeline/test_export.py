@@ -488,3 +488,28 @@ def test_serving_benchmark_reports_rates_and_sizes(served: dict[str, Path]) -> N
         assert set(r[q]["auc_delta"]) == {"ctr", "cvr", "scen"}
     table = markdown(r)
     assert "| fp32 |" in table and "| int8 |" in table and "-50%" in table
+
+
+def _dense_kernel_run(rank: int, world: int, data: str, run: str) -> None:
+    from mptrec.pipeline.evaluate import evaluate_run
+    from mptrec.pipeline.stages import pretrain
+
+    cpu = torch.device("cpu")
+    cfg = stage1_config(Path(data), Path(run), 'sharding.sharding_types=["data_parallel"]', "train.epochs=1")
+    pretrain(cfg, device=cpu, progress=False)
+    evaluate_run(run, device=cpu, dump_predictions=Path(run) / "eval.parquet", progress=False)
+
+
+@pytest.mark.slow
+def test_data_parallel_tables_export_exactly_too(served: dict[str, Path]) -> None:
+    """data_parallel tables run TorchRec's dense kernel, not the fused one: the same pooling bits."""
+    run = served["tmp"] / "run_dp"
+    run_multiprocess(_dense_kernel_run, 2, str(served["data"]), str(run))
+    assert "data_parallel | dense" in (run / "plan.txt").read_text()
+    export_run(run, served["tmp"] / "dp")
+    out = served["tmp"] / "dp_pred.parquet"
+    predict(served["tmp"] / "dp", served["data"], out, progress=False)
+    got, ref = _read(out), _read(run / "eval.parquet")
+    assert np.array_equal(got["sample_id"], ref["sample_id"])
+    for t in ("ctr", "cvr"):
+        assert np.array_equal(got[f"{t}_logit"], ref[f"logit_{t}"].astype(np.float32)), t
