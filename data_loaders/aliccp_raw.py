@@ -129,6 +129,18 @@ class _LineReader:
         self.budget[0] -= 1
 
     def __iter__(self) -> Iterator[tuple[int, list[str]]]:
+        lineno = 0
+        try:
+            for lineno, parts in self._lines():
+                yield lineno, parts
+        except UnicodeDecodeError as e:
+            bad = e.object[e.start:e.start + 1]
+            raise DataError(f"{self.path}:{lineno + 1}: not UTF-8 text (byte {bad!r} in the block read "
+                            "from here on)") from None
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot read: {e}") from None
+
+    def _lines(self) -> Iterator[tuple[int, list[str]]]:
         with open(self.path, encoding="utf-8", newline="") as fh:
             for lineno, line in enumerate(fh, 1):
                 parts = line.rstrip("\r\n").split(",")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -76,7 +77,7 @@ def read_census(path: str | os.PathLike[str]) -> dict[str, npt.NDArray[np.object
                 if len(parts) != len(CENSUS_COLUMNS):
                     raise DataError(f"{path}:{lineno}: {len(parts)} fields, expected {len(CENSUS_COLUMNS)}")
                 rows.append(parts)
-    except (OSError, UnicodeDecodeError, EOFError) as e:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
     if not rows:
         raise DataError(f"{path}: no data rows")

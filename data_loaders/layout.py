@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,8 +274,10 @@ class SplitWriter:
     """Write one split's rows into ``num_shards`` Parquet files of about equal size.
 
     Rows arrive in any chunking through :meth:`write`; files are written with row groups of
-    ``row_group_size`` rows (the last of each file may be shorter). Each file is written to a
-    temporary name and renamed when complete.
+    ``row_group_size`` rows (the last of each file may be shorter), with a CRC checksum per page
+    (a damaged page is then reported by a reader that verifies them, instead of being decoded:
+    corrupt pages can abort pyarrow's decoder). Each file is written to a temporary name and
+    renamed when complete.
 
     Args:
         out_dir: the shard folder (the split's sub-folder is created).
@@ -303,6 +306,7 @@ class SplitWriter:
         k = min(num_shards, num_rows)
         self.sizes = [num_rows // k + (1 if i < num_rows % k else 0) for i in range(k)] if k else []
         self.files: list[str] = []
+        self.crc32: list[int] = []
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._shard = 0
@@ -340,12 +344,14 @@ class SplitWriter:
         if self._writer is None:
             name = f"{self.split}/part-{self._shard:05d}.parquet"
             self.files.append(name)
-            self._writer = pq.ParquetWriter(self.out_dir / (name + ".tmp"), self.schema, compression="snappy")
+            self._writer = pq.ParquetWriter(self.out_dir / (name + ".tmp"), self.schema, compression="snappy",
+                                            write_page_checksum=True)
         self._writer.write_table(chunk, row_group_size=chunk.num_rows)
         self._in_shard += chunk.num_rows
         if self._in_shard == self.sizes[self._shard]:
             self._writer.close()
             os.replace(self.out_dir / (self.files[-1] + ".tmp"), self.out_dir / self.files[-1])
+            self.crc32.append(file_crc32(self.out_dir / self.files[-1]))
             self._writer = None
             self._shard += 1
             self._in_shard = 0
@@ -358,7 +364,48 @@ class SplitWriter:
                 f"split {self.split!r}: wrote {sum(self.sizes[: self._shard]) + self._in_shard} "
                 f"rows, expected {sum(self.sizes)}"
             )
-        return {"files": list(self.files), "rows": list(self.sizes)}
+        return {"files": list(self.files), "rows": list(self.sizes), "crc32": list(self.crc32)}
+
+
+def file_crc32(path: str | os.PathLike[str]) -> int:
+    """CRC-32 of a file's bytes (recorded per shard in schema.json ``splits.<split>.crc32``)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def verify_shard_files(data_dir: str | os.PathLike[str], schema: Mapping[str, Any],
+                       splits: Sequence[str]) -> int:
+    """Check every shard of ``splits`` against the CRC-32 schema.json records (when it does).
+
+    Run before any Parquet footer is parsed: a damaged footer can abort pyarrow's reader (an
+    uncatchable C++ ``terminate``), so a changed file is reported here, by name, instead.
+
+    Returns:
+        The number of files checked.
+
+    Raises:
+        DataError: naming the file whose bytes are not those written by the converter.
+    """
+    checked = 0
+    for split in splits:
+        spec = schema["splits"].get(split)
+        crcs = spec.get("crc32") if isinstance(spec, Mapping) else None
+        if not isinstance(crcs, list) or len(crcs) != len(spec["files"]):
+            continue
+        for name, want in zip(spec["files"], crcs):
+            path = Path(data_dir) / name
+            try:
+                got = file_crc32(path)
+            except OSError as e:
+                raise DataError(f"{path}: cannot read: {e}") from e
+            if got != want:
+                raise DataError(f"{path}: damaged or changed since it was written (crc32 {got:08x}, "
+                                f"schema.json records {int(want):08x}); convert the data again")
+            checked += 1
+    return checked
 
 
 def write_table_splits(

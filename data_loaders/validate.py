@@ -15,7 +15,8 @@ column present with its type):
 2. the rows themselves with the loader's own check (:func:`~mptrec.data_loaders.to_batch.
    check_table`: nulls, NaN/inf, ids, labels): every row group when the split has at most
    :data:`FULL_SCAN_ROWS` rows (a full scan, about a second per million rows), else the first
-   row group of every shard.
+   row group of every shard; page CRC checksums (written by the converters) are verified, so a
+   damaged page is reported instead of decoded.
 
 Beyond :data:`FULL_SCAN_ROWS` a value the statistics cannot show (a NaN in a dense column, a
 label value between two allowed ones) can still surface in a later row group during training;
@@ -100,7 +101,7 @@ def validate_split(ds: Any, *, full_scan_rows: int = FULL_SCAN_ROWS) -> dict[str
         where = f"{path} row group {unit.row_group}"
         try:
             if unit.file not in metas:
-                metas[unit.file] = pq.ParquetFile(path)
+                metas[unit.file] = pq.ParquetFile(path, page_checksum_verification=True)
             pf = metas[unit.file]
             rg = pf.metadata.row_group(unit.row_group)
             for j in range(rg.num_columns):

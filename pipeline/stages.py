@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
-from mptrec.data_loaders.layout import read_schema
+from mptrec.data_loaders.layout import read_schema, verify_shard_files
 from mptrec.data_loaders.schema import DataError, FeatureSpec
 from mptrec.data_loaders.validate import validate_dataset
 from mptrec.pipeline.build import build_from_config
@@ -111,18 +111,19 @@ class ShardData:
         return self._iterate(self.valid_ds) if self.valid_ds is not None else None
 
 
-def _validate_data(data: ShardData, rank: int, group: dist.ProcessGroup | None) -> None:
-    """Check the train and validation shards before the run folder exists (collective).
+def _validate_data(check: Callable[[], Any], rank: int, group: dist.ProcessGroup | None) -> None:
+    """Run a data check on rank 0 before the run folder exists and share its verdict (collective).
 
-    Rank 0 checks (:func:`mptrec.data_loaders.validate.validate_dataset`: every row group's
-    statistics, and every row group of a split up to ``FULL_SCAN_ROWS`` rows, else the first
-    of each shard) and broadcasts the first problem, so every rank raises the same
-    :class:`DataError` and none waits in a collective.
+    Rank 0 runs ``check`` (the shard files' CRC-32, before any footer is parsed; then
+    :func:`mptrec.data_loaders.validate.validate_dataset`: every row group's statistics, and
+    every row group of a split up to ``FULL_SCAN_ROWS`` rows, else the first of each shard) and
+    broadcasts the first problem, so every rank raises the same :class:`DataError` and none
+    waits in a collective.
     """
     problem = ""
     if rank == 0:
         try:
-            validate_dataset([data.train_ds, data.valid_ds])
+            check()
         except DataError as e:
             problem = str(e)
     if dist.get_world_size(group) > 1:
@@ -202,9 +203,11 @@ def pretrain(
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     schema = read_schema(cfg.data.path)
+    splits = [s for s in (cfg.data.train_split, cfg.data.valid_split) if s]
+    _validate_data(lambda: verify_shard_files(cfg.data.path, schema, splits), rank, group)
     model, features = build_from_config(cfg, schema)
     data = ShardData(cfg, features, rank, world, device)  # checks the shards' columns and types
-    _validate_data(data, rank, group)  # and their values, before anything is written
+    _validate_data(lambda: validate_dataset([data.train_ds, data.valid_ds]), rank, group)  # and values
     em_store = None
     if model.uses_em:
         rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))

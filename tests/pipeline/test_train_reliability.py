@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mptrec.data_loaders.dataset import ShardDataset
-from mptrec.data_loaders.layout import read_schema
+from mptrec.data_loaders.layout import file_crc32, read_schema
 from mptrec.data_loaders.schema import DataError, FeatureSpec, LabelSpec
 from mptrec.data_loaders.validate import validate_split
 from tests.pipeline.test_train_data import DEBUG_TOML, VOCAB, write_tiny_shards
@@ -30,7 +30,8 @@ from tests.pipeline.test_train_data import DEBUG_TOML, VOCAB, write_tiny_shards
 ROW = 3 * 64 + 5  # row 5 of row group 3
 
 
-def _break(data: Path, column: str, value: object, split: str = "train", shard: int = 1) -> Path:
+def _break(data: Path, column: str, value: object, split: str = "train", shard: int = 1,
+           refresh_crc: bool = True) -> Path:
     """Set one value of a shard (row group 3 of its second file), keeping types and row groups."""
     path = data / read_schema(data)["splits"][split]["files"][shard]
     table = pq.read_table(path)
@@ -39,6 +40,10 @@ def _break(data: Path, column: str, value: object, split: str = "train", shard: 
     i = table.schema.get_field_index(column)
     table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
     pq.write_table(table, path, row_group_size=64)
+    if refresh_crc:  # as if a buggy converter had written the bad value (a valid checksum)
+        schema = json.loads((data / "schema.json").read_text())
+        schema["splits"][split]["crc32"][shard] = file_crc32(path)
+        (data / "schema.json").write_text(json.dumps(schema))
     return path
 
 
@@ -48,6 +53,7 @@ CASES = {
     "nan_dense": ("d0", float("nan"), "dense column 'd0': nan at row 5 (NaN/inf not allowed)"),
     "negative_id": ("f1", -1, "column 'f1': value -1 is below 0"),
     "id_too_big": ("f2", 8, "column 'f2': value 8 is above 7"),
+    "changed_file": ("f0", 3, "damaged or changed since it was written (crc32 "),
 }
 
 _SCRIPT = r"""
@@ -69,7 +75,7 @@ def test_bad_shards_fail_before_the_run_folder_exists(tmp_path: Path) -> None:
     broken: dict[str, Path] = {}
     for name, (column, value, _) in CASES.items():
         data = write_tiny_shards(tmp_path / name / "data")
-        broken[name] = _break(data, column, value)
+        broken[name] = _break(data, column, value, refresh_crc=name != "changed_file")
         jobs.append([name, str(data), str(tmp_path / name / "run" / "nested")])
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(jobs), str(DEBUG_TOML)],
                           capture_output=True, text=True, timeout=600)
@@ -80,7 +86,8 @@ def test_bad_shards_fail_before_the_run_folder_exists(tmp_path: Path) -> None:
         assert rc == 2, (name, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in err, (name, err)
-        assert lines[0].startswith(f"mptrec train: error (rank 0): {broken[name]} row group 3: "), lines[0]
+        where = f"{broken[name]}: " if name == "changed_file" else f"{broken[name]} row group 3: "
+        assert lines[0].startswith(f"mptrec train: error (rank 0): {where}"), lines[0]
         assert expected in lines[0], (name, lines[0])
         assert not (tmp_path / name / "run").exists(), name  # nothing written, not even the parent
 
