@@ -6,7 +6,8 @@ Usage (a trained run: ``make demo`` leaves one in ``runs/demo``)::
 
 For each table type the run is exported (``mptrec export``, ``--quantize``) and the split is
 scored with the loaded artifact: ``score`` rows/s is read + convert + program over every row
-group (the artifact loaded once, one warm-up row group first, median of ``--repeats``);
+group (the artifacts loaded once, one warm-up row group first, median of ``--repeats``, the
+repeats interleaved over the table types);
 ``end_to_end_s`` is one whole ``predict()`` call (load, checks, scoring, Parquet output), one
 process. The sizes are those of ``model.pt2`` and of the tables alone; the AUC changes are the
 ones the export measured on the validation split (``manifest.json`` ``quantization``).
@@ -33,45 +34,14 @@ from mptrec.pipeline.predict import plan_predict, predict, score_units
 KINDS: tuple[str | None, ...] = (None, "int8", "fp16")
 
 
-def _bench_one(run: Path, data: str, work: Path, quantize: str | None, split: str, batch_size: int,
-               repeats: int) -> dict[str, Any]:
-    name = quantize or "fp32"
-    model = work / name
-    t0 = time.perf_counter()
-    manifest = export_run(run, model, quantize=quantize, overwrite=True)
-    export_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    artifact = load_artifact(model)
-    load_s = time.perf_counter() - t0
-    plan = plan_predict(model, data, work / f"{name}.parquet", split=split, batch_size=batch_size)
-    score_units(artifact, plan.units[:1], batch_size)  # warm-up
-    rates = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        score_units(artifact, plan.units, batch_size)
-        rates.append(plan.rows / (time.perf_counter() - t0))
-        print(f"[bench] serving {name} {r + 1}/{repeats}: {rates[-1]:,.0f} rows/s", file=sys.stderr)
-    e2e = predict(model, data, work / f"{name}.parquet", split=split, batch_size=batch_size, progress=False)
-    q = manifest.get("quantization") or {}
-    return {
-        "rows": plan.rows,
-        "score": Stat(rates, "rows/s"),
-        "end_to_end_s": e2e["seconds"],
-        "end_to_end_rows_per_s": e2e["rows_per_s"],
-        "export_s": round(export_s, 2),
-        "load_s": round(load_s, 3),
-        "program_bytes": manifest["program"]["bytes"],
-        "table_bytes": manifest["tables"]["bytes"],
-        "size_reduction": q.get("size_reduction"),
-        "auc_delta": {t: v["auc_delta"] for t, v in q.get("eval", {}).get("tasks", {}).items()} or None,
-        "auc_eval_rows": q.get("eval", {}).get("rows"),
-    }
-
-
 def serving_bench(run: str | os.PathLike[str], *, data: str | None = None, split: str = "test",
                   batch_size: int = 8192, repeats: int = 5, threads: int = 1,
                   workdir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Export the run three ways and time scoring; returns the results (see the module docstring)."""
+    """Export the run three ways and time scoring; returns the results (see the module docstring).
+
+    The repeats are interleaved (fp32, int8, fp16, fp32, ...) so that a change in the machine's
+    load hits every table type alike.
+    """
     from mptrec.pipeline.registry import load_run_config
 
     torch.set_num_threads(threads)
@@ -82,12 +52,52 @@ def serving_bench(run: str | os.PathLike[str], *, data: str | None = None, split
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(), "versions": versions(),
     }
+    names = [q or "fp32" for q in KINDS]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for q in KINDS:
-            results[q or "fp32"] = _bench_one(Path(run), data_dir, Path(tmp), q, split, batch_size, repeats)
+        work = Path(tmp)
+        loaded = {}
+        for q, name in zip(KINDS, names):
+            t0 = time.perf_counter()
+            manifest = export_run(run, work / name, quantize=q, overwrite=True)
+            export_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            artifact = load_artifact(work / name)
+            load_s = time.perf_counter() - t0
+            plan = plan_predict(work / name, data_dir, work / f"{name}.parquet", split=split,
+                                batch_size=batch_size)
+            score_units(artifact, plan.units[:1], batch_size)  # warm-up
+            loaded[name] = (manifest, artifact, plan, export_s, load_s)
+        rates: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(repeats):
+            for name in names:
+                _, artifact, plan, _, _ = loaded[name]
+                t0 = time.perf_counter()
+                score_units(artifact, plan.units, batch_size)
+                rates[name].append(plan.rows / (time.perf_counter() - t0))
+                print(f"[bench] serving {name} {r + 1}/{repeats}: {rates[name][-1]:,.0f} rows/s",
+                      file=sys.stderr)
+        for name in names:
+            manifest, _, plan, export_s, load_s = loaded[name]
+            e2e = predict(work / name, data_dir, work / f"{name}.parquet", split=split, batch_size=batch_size,
+                          progress=False)
+            q = manifest.get("quantization") or {}
+            tasks = q.get("eval", {}).get("tasks", {})
+            results[name] = {
+                "rows": plan.rows,
+                "score": Stat(rates[name], "rows/s"),
+                "end_to_end_s": e2e["seconds"],
+                "end_to_end_rows_per_s": e2e["rows_per_s"],
+                "export_s": round(export_s, 2),
+                "load_s": round(load_s, 3),
+                "program_bytes": manifest["program"]["bytes"],
+                "table_bytes": manifest["tables"]["bytes"],
+                "size_reduction": q.get("size_reduction"),
+                "auc_delta": {t: v["auc_delta"] for t, v in tasks.items()} or None,
+                "auc_eval_rows": q.get("eval", {}).get("rows"),
+            }
     fp32 = results["fp32"]["score"].median
-    for q in ("int8", "fp16"):
-        results[q]["score_vs_fp32"] = results[q]["score"].median / fp32
+    for name in ("int8", "fp16"):
+        results[name]["score_vs_fp32"] = results[name]["score"].median / fp32
     return results
 
 
@@ -104,8 +114,9 @@ def markdown(results: dict[str, Any]) -> str:
     for kind in ("fp32", "int8", "fp16"):
         r = results[kind]
         red = "-" if r["size_reduction"] is None else f"-{100 * r['size_reduction']:.0f}%"
+        rel = f" ({r['score_vs_fp32']:.2f}x)" if "score_vs_fp32" in r else ""
         auc = "-" if not r["auc_delta"] else ", ".join(f"{t} {d:+.5f}" for t, d in r["auc_delta"].items())
-        lines.append(f"| {kind} | {r['score'].median:,.0f} | {r['end_to_end_s']:.2f} | "
+        lines.append(f"| {kind} | {r['score'].median:,.0f}{rel} | {r['end_to_end_s']:.2f} | "
                      f"{r['program_bytes'] / 2**20:.1f} | {r['table_bytes'] / 2**20:.1f} | {red} | {auc} |")
     return "\n".join(lines) + "\n"
 

@@ -104,6 +104,24 @@ def test_rowwise_int8_reconstructs_within_half_a_step() -> None:
     assert torch.equal(q1.float() * s1.float() + b1.float(), const)
 
 
+@pytest.mark.parametrize("dim", [4, 5, 8])
+def test_packed_quantised_rows_decode_to_the_quantised_values(dim: int) -> None:
+    features = [FeatureSpec("s", num_embeddings=30, embedding_dim=dim),
+                FeatureSpec("m", num_embeddings=30, embedding_dim=dim, multivalent=True, pooling="mean")]
+    w = {"s": torch.randn(30, dim), "m": torch.randn(30, dim)}
+    ids, lengths = torch.tensor([3, 29, 0, 7]), torch.tensor([2, 0, 1, 1])
+    batch = SparseBatch([ids, ids], [torch.ones(4, dtype=torch.long), lengths])
+    ref = PooledTables(features, w)(batch).to_dict()
+    q, scale, bias = quantize_rowwise_int8(w["s"])
+    want = q[ids].float() * scale[ids].float().unsqueeze(1) + bias[ids].float().unsqueeze(1)
+    int8 = PooledTables(features, w, "int8")
+    torch.testing.assert_close(int8(batch).to_dict()["s"], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(int8(batch).to_dict()["m"], ref["m"], rtol=0, atol=0.05)
+    fp16 = PooledTables(features, w, "fp16")(batch).to_dict()
+    assert torch.equal(fp16["s"], w["s"][ids].half().float())
+    assert int8.table_bytes() == 30 * 2 * (dim + (-dim) % 4 + 4)
+
+
 def test_serving_module_equals_the_eager_model_and_exports_with_dynamic_shapes() -> None:
     model, features = _fresh_model()
     serving = _serving(model, features)
