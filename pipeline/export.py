@@ -201,7 +201,7 @@ class PooledTables(nn.Module):
             elif quantize == "fp16":
                 self.register_buffer(f"w{i}", _as_words(w.half()))
             else:
-                self.register_buffer(f"w{i}", w.clone())
+                self.register_buffer(f"w{i}", w)  # shares the loaded table's memory (no copy)
 
     def table_bytes(self) -> int:
         """Bytes of the tables as stored (codes, scales and biases included)."""
@@ -325,7 +325,6 @@ class ServingBuild:
     checkpoint_sha256: str
     meta: dict[str, Any]
     schema: dict[str, Any]
-    weights: dict[str, torch.Tensor]
 
 
 def _task_entries(run: Path, cfg: RunConfig, specs: Sequence[TaskSpec], registry: Mapping[str, Any],
@@ -399,12 +398,12 @@ def build_serving_module(run_dir: str | os.PathLike[str], checkpoint: str = "bes
         new[name] = head
     meta = load_backbone(run, ckpt, backbone, model_name=cfg.model.name, features=features)
     sparse = [f for f in features if f.kind == "sparse"]
-    weights = {f.name: backbone.ebc.embedding_bags[f"t_{f.name}"].weight.detach().clone() for f in sparse}
+    weights = {f.name: backbone.ebc.embedding_bags[f"t_{f.name}"].weight.detach() for f in sparse}
     module = ServingModule(backbone, new, PooledTables(sparse, weights, quantize), chosen)
     sha = hash_checkpoint(ckpt)
     entries = [e for e in _task_entries(run, cfg, specs, registry, heads, sha) if e["name"] in chosen]
     return ServingBuild(module=module, run_cfg=cfg, features=features, tasks=entries, checkpoint=ckpt,
-                        checkpoint_sha256=sha, meta=meta, schema=schema, weights=weights)
+                        checkpoint_sha256=sha, meta=meta, schema=schema)
 
 
 # --------------------------------------------------------------------------------------------
