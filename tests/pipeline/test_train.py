@@ -40,16 +40,35 @@ def _train(data: Path, out: Path, overrides: list[str], *, resume: bool = False,
         return None
 
 
+def _counting_pipeline() -> Any:
+    """Make the loop build a TrainPipelineSparseDist that counts its progress() calls."""
+    import mptrec.pipeline.loop as loop
+
+    class Counting(loop.TrainPipelineSparseDist):  # type: ignore[misc,type-arg]
+        calls = 0
+
+        def progress(self, dataloader_iter: Any) -> Any:
+            Counting.calls += 1
+            return super().progress(dataloader_iter)
+
+    loop.TrainPipelineSparseDist = Counting  # type: ignore[misc]
+    return Counting
+
+
 def _two_process_runs(rank: int, world: int, data: str, tmp: str) -> dict[str, Any]:
     d, t = Path(data), Path(tmp)
     common = ["train.checkpoint_every=3", "train.keep_last=2"]
+    counting = _counting_pipeline()
     full = _train(d, t / "full", common)
+    pipelined_calls = counting.calls
     plain = _train(d, t / "plain", [*common, "train.pipelined=false"])
+    plain_calls = counting.calls - pipelined_calls
     killed = _train(d, t / "killed", common, kill_after=8)
     resumed = _train(d, t / "killed", common, resume=True)
     return {"full": full.losses, "plain": plain.losses, "killed": killed,
             "resumed": resumed.losses, "valid_full": full.valid, "valid_resumed": resumed.valid,
-            "em": (full.em_digest, resumed.em_digest), "steps": full.steps}
+            "em": (full.em_digest, resumed.em_digest), "steps": full.steps,
+            "pipeline_calls": (pipelined_calls, plain_calls)}
 
 
 @pytest.mark.slow
@@ -59,6 +78,8 @@ def test_pipelined_plain_and_killed_then_resumed_runs_give_the_same_losses(tmp_p
     results = run_multiprocess(_two_process_runs, 2, str(data), str(tmp_path))
     for r in results:
         assert r["steps"] == 10  # 2 epochs x min(6, 5) batches
+        # the pipelined run really stepped through TrainPipelineSparseDist; the plain one never did
+        assert r["pipeline_calls"][0] >= r["steps"] and r["pipeline_calls"][1] == 0
         assert [s for s, _ in r["full"]] == list(range(1, 11))
         # TrainPipelineSparseDist and the plain loop: the same loss at every step
         assert r["plain"] == r["full"]
