@@ -386,7 +386,7 @@ def build_serving_module(run_dir: str | os.PathLike[str], checkpoint: str = "bes
                 why = (f"it is registered but not trained (status {status!r}); run `mptrec prompt-tune`"
                        if status else "it is not a task of the run")
                 raise ExportError(f"task {t!r}: {why} (exportable tasks of {run}: {available})")
-    chosen = list(tasks) if tasks else available
+    chosen = [t for t in available if not tasks or t in tasks]  # the run's order, stage-1 tasks first
     schema = read_schema(cfg.data.path)
     backbone, features = build_from_config(cfg, schema, ebc_device="cpu")
     new: dict[str, NewTaskHead] = {}
