@@ -531,3 +531,15 @@ def test_data_parallel_tables_export_exactly_too(served: dict[str, Path]) -> Non
     assert np.array_equal(got["sample_id"], ref["sample_id"])
     for t in ("ctr", "cvr"):
         assert np.array_equal(got[f"{t}_logit"], ref[f"logit_{t}"].astype(np.float32)), t
+
+
+@pytest.mark.slow
+def test_export_of_a_task_subset(served: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    out = served["tmp"] / "subset"
+    assert main(["export", "--run", str(served["run"]), "--out", str(out), "--tasks", "scen,ctr"]) == 0
+    assert "exported ctr (pretrained, mptrec), scen (prompt_tuned, mptrec)" in capsys.readouterr().out
+    assert read_manifest(out).tasks == ["ctr", "scen"]
+    predict(out, served["data"], served["tmp"] / "subset.parquet", progress=False)
+    got, full = _read(served["tmp"] / "subset.parquet"), _predict(served, "b", "full")
+    assert list(got) == ["sample_id", "ctr_prob", "ctr_logit", "scen_prob", "scen_logit"]
+    assert all(np.array_equal(got[k], full[k]) for k in got)
