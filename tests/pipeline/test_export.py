@@ -471,6 +471,12 @@ def test_predict_bad_inputs_write_nothing(served: dict[str, Path],
     manifest["format_version"] = 99
     (other / "manifest.json").write_text(json.dumps(manifest))
     _fails(["predict", "--model", str(other), *base[1:]], capsys, "manifest.json", "'format_version'", "99")
+    # a program file that is not the one the manifest names (a partial copy)
+    manifest["format_version"] = 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with (other / "model.pt2").open("ab") as fh:
+        fh.write(b"\0")
+    _fails(["predict", "--model", str(other), *base[1:]], capsys, "model.pt2", "'program.sha256'")
     # shards whose schema does not match the manifest (another vocabulary size of f0)
     shards = tmp / "other_vocab"
     shutil.copytree(data, shards)
