@@ -30,11 +30,12 @@ print(json.dumps([own0, own1, kids0, peak_rss_mib(children=True), peak_rss_mib()
 def test_peak_rss_grows_with_allocation_and_children() -> None:
     # in a fresh process, whose peak is not already above what the test allocates
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE], check=True, capture_output=True, text=True)
-    own0, own1, kids0, kids1, own2 = json.loads(out.stdout.splitlines()[-1])
-    assert 10 < own0 and 190 <= own1 - own0 <= 230  # this process: +200 MiB
+    figures = json.loads(out.stdout.splitlines()[-1])
+    own0, own1, kids0, kids1, own2 = figures
+    assert 10 < own0 and 150 <= own1 - own0 <= 260, figures  # this process: +200 MiB (slack: paging)
     # RUSAGE_CHILDREN: the 300 MiB child (Linux counts what it shared with this process before exec)
-    assert kids0 < 100 and 300 <= kids1 <= own1 + 400
-    assert own2 == own1  # the child's memory is not this process's
+    assert kids0 < 100 and 250 <= kids1 <= own1 + 400, figures
+    assert own2 == own1, figures  # the child's memory is not this process's
 
 
 def test_epoch_clock_summary() -> None:
