@@ -27,7 +27,9 @@ from mptrec.bench.harness import Stat, jsonable, machine_info, thread_info, vers
 #: 1-minute load average above which the results carry a "machine not idle" warning.
 BUSY_LOAD = 0.5
 
-SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth")
+SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth", "serving")
+#: The trained run the serving section exports and scores (``make demo`` leaves one).
+DEFAULT_SERVING_RUN = Path("runs") / "demo"
 
 #: Headline key -> (path into the results, target, direction).
 TARGETS: dict[str, tuple[tuple[str, ...], float, str]] = {
@@ -104,7 +106,7 @@ def headline(results: dict[str, Any]) -> None:
 
 
 def _sections(
-    s: Settings, schema: dict[str, Any], group: Any, plot_path: Path
+    s: Settings, schema: dict[str, Any], group: Any, plot_path: Path, serving_run: Path
 ) -> dict[str, Callable[[], Any]]:
     from mptrec.bench.dense import bf16_auc_check, dense_speedups, profile_stage1
     from mptrec.bench.evalbench import eval_throughput
@@ -132,6 +134,14 @@ def _sections(
             out["plot"] = plot_path.name
         return out
 
+    def serving() -> dict[str, Any]:
+        from mptrec.bench.serving import serving_bench
+
+        if not (serving_run / "tasks.json").is_file():
+            why = f"no trained run at {serving_run} (run `make demo` first, or pass --serving-run)"
+            return {"skipped": why}
+        return serving_bench(serving_run, repeats=s.repeats, threads=1, workdir=s.workdir)
+
     return {
         "stage1": stage1,
         "scaling": lambda: scaling(s),
@@ -142,6 +152,7 @@ def _sections(
         "new_task": lambda: new_task(s, schema, group),
         "eval": lambda: eval_throughput(s, schema, group),
         "growth": growth_curves,
+        "serving": serving,
     }
 
 
@@ -158,6 +169,7 @@ def run_bench(
     command: str = "mptrec bench",
     settings: Settings | None = None,
     config: str | Path | None = None,
+    serving_run: str | Path = DEFAULT_SERVING_RUN,
 ) -> dict[str, Any]:
     """Run the benchmarks, write ``out`` (JSON) and ``markdown``; returns the results.
 
@@ -211,7 +223,7 @@ def run_bench(
     if "dense" in chosen:
         chosen.insert(chosen.index("dense") + 1, "bf16_auc")
     with process_group() as group:
-        fns = _sections(s, schema, group, out.with_name(out.stem + ".growth.png"))
+        fns = _sections(s, schema, group, out.with_name(out.stem + ".growth.png"), Path(serving_run))
         for name in chosen:
             print(f"[bench] === {name} ===", file=sys.stderr)
             t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth")
+SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth", "serving")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="try torch.compile of the dense arch (default: on, off with --quick)",
     )
     parser.add_argument("--no-compile", dest="compile_dense", action="store_false")
+    parser.add_argument(
+        "--serving-run",
+        default="runs/demo",
+        help="trained run the serving section exports and scores (default: runs/demo, from `make demo`; "
+        "the section is skipped when it is missing)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         only=args.only,
         compile_dense=args.compile_dense,
         config=args.config,
+        serving_run=args.serving_run,
         command=command,
     )
     from mptrec.bench.run import TARGETS

@@ -138,7 +138,7 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     s = replace(make_settings(True, tmp_path / "work", threads=1, compile_dense=False),
                 repeats=2, warmup=1, steps=1, rows=10_000, distinct_batches=2, auc_steps=2)
     out, md = tmp_path / "results.json", tmp_path / "results.md"
-    results = run_bench(out, markdown=md, settings=s)
+    results = run_bench(out, markdown=md, settings=s, serving_run=tmp_path / "no-run")
     assert results["errors"] == {}, results["errors"]
     saved = json.loads(out.read_text())
     for key in TARGETS:
@@ -155,6 +155,7 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     nt = saved["new_task"]
     assert nt["time_fraction_of_full"]["median"] > nt["time_fraction_of_full_cached_epoch"]["median"]
     assert set(saved["loader"]["training"]["end_to_end_by_workers"]) >= {"0", "2"}
+    assert "no trained run" in saved["serving"]["skipped"]  # with a run: tests/pipeline/test_export.py
     points = saved["growth"]["points"]
     grid = [(p["rows"], p["vocab_scale"]) for p in points]
     assert grid == [(10_000, 1), (10_000, 10), (40_000, 1), (40_000, 10)]
