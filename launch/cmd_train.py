@@ -39,6 +39,19 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _check_before_launch(args: argparse.Namespace) -> str:
+    """The config and data checks of a run, in this process ("" when they pass)."""
+    from mptrec.data_loaders.schema import DataError
+    from mptrec.pipeline.config import ConfigError, load_config
+    from mptrec.pipeline.stages import check_data
+
+    try:
+        check_data(load_config(args.config, args.overrides))
+    except (ConfigError, DataError) as e:
+        return str(e)
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec train``."""
     if args.nproc < 0:
@@ -47,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         if "RANK" in os.environ:
             print("mptrec train: --nproc > 1 inside a torchrun job; drop --nproc", file=sys.stderr)
+            return 2
+        problem = _check_before_launch(args)  # else a bad input ends in torchrun's failure report
+        if problem:
+            print(f"mptrec train: error: {problem}", file=sys.stderr)
             return 2
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={args.nproc}", "-m", "mptrec.launch.train", *_forwarded(args)]

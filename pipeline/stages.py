@@ -51,7 +51,7 @@ from mptrec.pipeline.metrics_log import MetricsLogger
 from mptrec.pipeline.sharding import shard_model
 from mptrec.pipeline.train_task import TrainWrapper
 
-__all__ = ["ShardData", "count_batches", "pretrain"]
+__all__ = ["ShardData", "check_data", "count_batches", "pretrain"]
 
 
 def count_batches(ds: ShardDataset, epoch: int, num_workers: int) -> int:
@@ -133,6 +133,30 @@ def _validate_data(check: Callable[[], Any], rank: int, group: dist.ProcessGroup
         problem = box[0]
     if problem:
         raise DataError(problem)
+
+
+def check_data(cfg: RunConfig) -> dict[str, int]:
+    """The data checks of :func:`pretrain`, without a process group.
+
+    ``mptrec train --nproc N`` runs them before it starts torchrun, so a bad input gives one
+    line, not torchrun's failure report.
+
+    Raises:
+        ConfigError: a configured feature or label the schema lacks.
+        DataError: as in :func:`pretrain` (file checksums, footers, statistics, rows).
+    """
+    from mptrec.pipeline.build import resolve_run_features
+
+    d = cfg.data
+    schema = read_schema(d.path)
+    splits = [s for s in (d.train_split, d.valid_split) if s]
+    verify_shard_files(d.path, schema, splits)
+    features = resolve_run_features(cfg, schema)
+    labels = [t.label_spec() for t in cfg.tasks]
+    datasets = [ShardDataset(d.path, split, features=features, labels=labels, batch_size=d.batch_size,
+                             oov_policy=d.oov_policy, on_error=d.on_error, max_rows=d.max_rows)
+                for split in splits]
+    return validate_dataset(datasets)
 
 
 _RUN_FILES = ("config.json", "plan.txt", "metrics.jsonl", "tb", "checkpoints")

@@ -36,3 +36,18 @@ def test_mptrec_train_nproc_2_then_resume_and_errors(tmp_path: Path) -> None:
     bad = _mptrec(*base, "--set", "features.embedding_dim=6", "--set", f"out_dir={str(tmp_path / 'r2')!r}")
     assert bad.returncode == 2 and "feature 'f0' has embedding_dim 6" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_bad_data_with_nproc_2_is_one_line_without_torchrun_report(tmp_path: Path) -> None:
+    from tests.pipeline.test_train_reliability import _break
+
+    data = write_tiny_shards(tmp_path / "data")
+    path = _break(data, "purchase", 2)
+    run = tmp_path / "run"
+    bad = _mptrec("--config", str(DEBUG_TOML), "--set", f"data.path={str(data)!r}", "--set",
+                  f"out_dir={str(run)!r}", "--no-progress", "--nproc", "2")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.startswith(f"mptrec train: error: {path} row group 3: label column 'purchase'")
+    assert not run.exists()
