@@ -96,7 +96,9 @@ def _shard_debug_model(rank: int, world_size: int, data: str, out: str,
         if not sharded_tensor:  # data_parallel: a plain replicated tensor
             expect = table_init_values(cfg.train.seed, table, (0, value.shape[0]), (0, value.shape[1]), dim)
             local[table] = bool(torch.equal(value, expect))
-    return {"plan": sharded.plan_text, "init_ok": local, "too_big": _plan_too_big(cfg)}
+    return {"plan": sharded.plan_text, "init_ok": local, "too_big": _plan_too_big(cfg),
+            "dense_wrapper": type(sharded.dmp._dmp_wrapped_module).__name__,
+            "keys": sorted(sharded.dmp.state_dict())}
 
 
 def _wrap(model: Any) -> Any:
@@ -123,6 +125,12 @@ def test_two_processes_shard_init_independent_of_plan_refuse_impossible_plans(tm
     assert {"t_f0@0,0", "t_f1@0,0", "t_m0@0,0", "t_f2"} <= owned
     # a plan the world size cannot serve (a 2^40-row table): a clear error on every rank, no hang
     assert all("cannot serve world size 2 on cpu" in r["too_big"] for r in results), results
+    # the dense part is DDP-wrapped with 2 ranks, not with 1 (SingleRankDataParallelWrapper), and
+    # the state-dict keys (so checkpoints) are the same either way
+    assert {r["dense_wrapper"] for r in results} == {"DistributedDataParallel"}
+    single = run_multiprocess(_shard_debug_model, 1, str(data), str(tmp_path / "run1"), overrides)[0]
+    assert single["dense_wrapper"] == "TrainWrapper"
+    assert single["keys"] == results[0]["keys"]
 
 
 def _plan_too_big(cfg: Any) -> str:
