@@ -108,7 +108,7 @@ def build_stage1(
         optimizer=sharded.optimizer,
         stepper=stepper,
         it=cycle(batches) if batches else iter(()),
-        autocast=autocast,
+        autocast=autocast or cfg.train.autocast == "bf16",
         plan_text=sharded.plan_text,
     )
 

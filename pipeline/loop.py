@@ -261,7 +261,9 @@ class Trainer:
                                   cfg.train.epochs, cfg.data.batch_size, cfg.model.grl_alpha)
                 ctx.wrapper.model.set_grl_alpha(alpha)
                 try:
-                    parts, _, labels = self.stepper.progress(it)
+                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
+                                        enabled=cfg.train.autocast == "bf16"):
+                        parts, _, labels = self.stepper.progress(it)
                 except StopIteration:  # some rank ran out of data early (see epoch_batches)
                     break
                 st.step += 1

@@ -103,6 +103,7 @@ def _one_process_checks(rank: int, world: int, data: str, tmp: str) -> dict[str,
     out["golden"] = golden.losses
     out["valid"] = golden.valid
     out["best"] = golden.best_metric
+    out["bf16"] = _train(d, t / "bf16", ['train.autocast="bf16"']).losses
     mid = _train(d, t / "mid", ["train.validate_every=4", "train.patience=0"])
     out["mid"] = {"losses": mid.losses, "valid_steps": [r["step"] for r in mid.valid]}
     stop = _train(d, t / "stop", ["train.validate_every=2", "train.patience=1", "train.lr=1.0"])
@@ -143,6 +144,10 @@ def test_debug_config_golden_losses_metrics_log_and_input_errors(tmp_path: Path)
                           + "".join(f"{s} {v:.6f}\n" for s, v in out["golden"]))
     expected = [float(x.split()[1]) for x in GOLDEN.read_text().splitlines() if not x.startswith("#")]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-4, atol=1e-5)
+    # train.autocast = "bf16": the same run in bfloat16 matmuls, close to fp32 but not the same numbers
+    bf16 = [v for _, v in out["bf16"]]
+    assert len(bf16) == 20 and bf16 != losses
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(losses), rtol=0.03, atol=0.0)
     # the tiny planted data is learnable: both AUCs above chance after 2 epochs
     assert all(v > 0.55 for v in out["valid"][-1]["auc"].values()), out["valid"]
     # metrics.jsonl: 20 step lines, and per epoch one EM and one validation line
