@@ -64,6 +64,10 @@ __all__ = [
 def peak_rss_mib(children: bool = False) -> float:
     """Peak resident set size in MiB of this process (or of its largest waited-for child).
 
+    On Linux the peak survives ``exec``, and a process made by fork starts with its parent's
+    resident pages, so a process started directly by a large one (say a long pytest run) reports
+    at least its parent's size; torchrun's workers are started by torchrun (a few hundred MiB).
+
     Args:
         children: read ``RUSAGE_CHILDREN`` (the largest terminated, waited-for descendant) instead
             of ``RUSAGE_SELF``.
