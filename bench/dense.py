@@ -97,6 +97,7 @@ def variants_for(s: Settings) -> list[DenseVariant]:
     """Every variant of this run (compile ones only when ``s.compile``)."""
     out = [
         DenseVariant("baseline", "baseline"),
+        DenseVariant("fp32 (train.autocast = none)", "diagnostic", overrides=('train.autocast="none"',)),
         DenseVariant("batch 4000", "speedup", batch=4000),
         DenseVariant("batch 8000", "speedup", batch=8000),
         DenseVariant("bf16 autocast", "speedup", bf16=True),
@@ -174,7 +175,8 @@ def dense_speedups(s: Settings, schema: dict[str, Any], group: Any) -> dict[str,
 
 def bf16_auc_check(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
     """Train fp32 and bf16 copies of the same model on the same batches; exact validation AUCs."""
-    extra = ["train.lr=1e-3", "train.embedding_lr=0.05"]  # learn something in a few hundred steps
+    # learn something in a few hundred steps; the mode alone decides the precision
+    extra = ["train.lr=1e-3", "train.embedding_lr=0.05", 'train.autocast="none"']
     cfg = run_config(s, PAPER, extra=extra)
     features = resolve_run_features(cfg, schema)
     labels = [t.label_spec() for t in cfg.tasks]

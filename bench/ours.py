@@ -33,7 +33,7 @@ from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
 from mptrec.pipeline.em import EMLabelStore
-from mptrec.pipeline.loop import make_stepper
+from mptrec.pipeline.loop import bf16_autocast, make_stepper
 from mptrec.pipeline.sharding import shard_model, unwrap_dmp
 from mptrec.pipeline.train_task import TrainWrapper
 
@@ -108,7 +108,7 @@ def build_stage1(
         optimizer=sharded.optimizer,
         stepper=stepper,
         it=cycle(batches) if batches else iter(()),
-        autocast=autocast or cfg.train.autocast == "bf16",
+        autocast=autocast or bf16_autocast(cfg.train.autocast, CPU),
         plan_text=sharded.plan_text,
     )
 

@@ -38,27 +38,31 @@ def _stage1(res: Mapping[str, Any]) -> list[str]:
     rows = []
     for name, r in sec.items():
         if "error" in r:
-            rows.append([name, "failed", "", "", "", ""])
+            rows.append([name, "failed", "", "", "", "", "", ""])
             continue
         sps = r["samples_per_s"]
         rows.append(
             [
                 f"{name} (width {r['embedding_dim']}, batch {r['batch_size']}, D_in {r['d_in']})",
                 fmt(sps["ours"]),
+                fmt(sps.get("ours_fp32")),
                 fmt(sps["plain"]),
                 fmt(sps["sparse"]),
                 fmt(r["speedup_vs_plain"], 2),
                 fmt(r["speedup_vs_sparse"], 2),
+                f"{fmt(r.get('speedup_vs_plain_fp32'), 2)} / {fmt(r.get('speedup_vs_sparse_fp32'), 2)}",
             ]
         )
     lines += _table(
         [
             "size",
-            "ours (TorchRec fused EBC + pipeline)",
+            "ours (default config)",
+            "ours, fp32 (autocast none)",
             "(a) paper's code",
             "(b) sparse PyTorch",
             "ours / (a)",
             "ours / (b)",
+            "ours fp32 / (a), / (b)",
         ],
         rows,
     )
@@ -66,8 +70,12 @@ def _stage1(res: Mapping[str, Any]) -> list[str]:
     if "references" in first:
         refs = first["references"]
         lines += [
-            f"(a): {refs['plain']} (r_emb {refs['r_emb']}). (b): {refs['sparse']}. Ours: fused "
-            f"{first['ours']['embedding_optimizer']} for the tables in backward, Adam for the dense part, "
+            f"(a): {refs['plain']} (r_emb {refs['r_emb']}). (b): {refs['sparse']}; both fp32 with "
+            "nn.Dropout. Ours: TorchRec's fused "
+            f"{first['ours']['embedding_optimizer']} for the tables in backward, fused Adam for the dense "
+            "part, "
+            f"MaskDropout, train.autocast = {first['ours'].get('autocast', 'none')} "
+            f"(bf16 here: {first['ours'].get('bf16', False)}), no DDP on one rank, "
             f"pipelined={first['ours']['pipelined']}, r_emb {first['ours']['r_emb']} (the whole-table L2 "
             "cannot be applied to fused tables). Width 4, not the paper's 5: the fused CPU kernel needs a "
             "multiple of 4. Median (min-max) over repeats; ratios are per repeat (interleaved).",

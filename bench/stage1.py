@@ -21,6 +21,7 @@ from mptrec.bench.references import RefMPTRec, make_train_step, to_ref_batch
 from mptrec.data_loaders.batch import Batch
 from mptrec.models import count_parameters
 from mptrec.pipeline.build import resolve_run_features
+from mptrec.pipeline.loop import bf16_autocast
 
 #: The paper's embedding L2 weight on Ali-CCP (spec section 7); the references apply it (the
 #: pipeline cannot: its tables train with a fused optimizer, so its config has r_emb = 0).
@@ -48,8 +49,11 @@ def compare(s: Settings, schema: dict[str, Any], size: Size, group: Any) -> dict
     plain = RefMPTRec(features, ref_cfg, cfg.task_names, sparse=False)
     sparse = RefMPTRec(features, ref_cfg, cfg.task_names, sparse=True)
     ours = build_stage1(cfg, schema, batches, group)
+    fp32_cfg = run_config(s, size, extra=['train.autocast="none"'])
+    ours_fp32 = build_stage1(fp32_cfg, schema, batches, group)
     variants = [
         Variant("ours", ours.step, size.batch_size),
+        Variant("ours_fp32", ours_fp32.step, size.batch_size),
         Variant(
             "plain",
             make_train_step(plain, ref_batches, "plain", lr=cfg.train.lr, embedding_lr=cfg.train.lr),
@@ -65,6 +69,7 @@ def compare(s: Settings, schema: dict[str, Any], size: Size, group: Any) -> dict
         variants, warmup=s.warmup, steps=s.steps, repeats=s.repeats, label=f"stage1 {size.name}: "
     )
     ours.detach()
+    ours_fp32.detach()
     sparse_feats = [f for f in features if f.kind == "sparse"]
     result = {
         "note": size.note,
@@ -77,7 +82,11 @@ def compare(s: Settings, schema: dict[str, Any], size: Size, group: Any) -> dict
         "samples_per_s": stats,
         "speedup_vs_plain": ratio(stats["ours"], stats["plain"]),
         "speedup_vs_sparse": ratio(stats["ours"], stats["sparse"]),
+        "speedup_vs_plain_fp32": ratio(stats["ours_fp32"], stats["plain"]),
+        "speedup_vs_sparse_fp32": ratio(stats["ours_fp32"], stats["sparse"]),
         "ours": {
+            "autocast": cfg.train.autocast,
+            "bf16": bf16_autocast(cfg.train.autocast, torch.device("cpu")),
             "embedding_optimizer": cfg.train.embedding_optimizer,
             "dense_optimizer": "Adam",
             "pipelined": cfg.train.pipelined,
@@ -91,6 +100,6 @@ def compare(s: Settings, schema: dict[str, Any], size: Size, group: Any) -> dict
             "sparse": "nn.Embedding(sparse=True) + SparseAdam, Adam for the rest, L2 on the looked-up rows",
         },
     }
-    del ours, plain, sparse, variants
+    del ours, ours_fp32, plain, sparse, variants
     gc.collect()
     return result

@@ -189,10 +189,11 @@ class TrainConfig:
         keep_last: checkpoints kept besides the best.
         device: ``auto`` (CUDA with nccl when visible, else CPU with gloo), ``cpu`` or ``cuda``.
         threads: torch intra-op threads per process (0: leave torch's default).
-        autocast: ``none`` (fp32) or ``bf16``: the training forward and backward run under
-            ``torch.autocast`` in bfloat16 (matrix products in bf16, weights, optimizer states,
-            embedding tables, validation and evaluation stay fp32). Worth it on CPUs with
-            AVX512-BF16 or AMX (``lscpu``) and on CUDA.
+        autocast: ``none`` (fp32), ``bf16``, or ``auto`` (bf16 on CUDA and on CPUs with native
+            bf16 arithmetic, AVX512-BF16 or AMX in ``/proc/cpuinfo``; else fp32): the training
+            forward and backward run under ``torch.autocast`` in bfloat16 (matrix products in
+            bf16; weights, optimizer states, embedding tables, validation and evaluation stay
+            fp32). See :func:`mptrec.pipeline.loop.bf16_autocast`.
     """
 
     epochs: int = 10
@@ -210,7 +211,7 @@ class TrainConfig:
     keep_last: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
-    autocast: Literal["none", "bf16"] = "none"
+    autocast: Literal["none", "bf16", "auto"] = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "lr", "embedding_lr", "log_every", "embedding_init_std")

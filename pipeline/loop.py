@@ -20,6 +20,7 @@ later step computes the same loss as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import sys
@@ -45,7 +46,7 @@ from mptrec.pipeline.metrics_log import MetricsLogger
 from mptrec.pipeline.train_task import TrainOutput, TrainWrapper
 
 __all__ = ["DataSource", "PlainStepper", "TrainContext", "TrainResult", "Trainer", "agree_min",
-           "epoch_batches", "make_stepper"]
+           "bf16_autocast", "cpu_has_native_bf16", "epoch_batches", "make_stepper"]
 
 
 class DataSource(Protocol):
@@ -99,6 +100,29 @@ class PlainStepper:
         self.optimizer.step()
         out: TrainOutput = output
         return out
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU does bf16 arithmetic natively (``avx512_bf16`` or ``amx_bf16`` flags)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_autocast(setting: str, device: torch.device) -> bool:
+    """Whether ``train.autocast = setting`` trains in bf16 on ``device``.
+
+    Example:
+        >>> bf16_autocast("none", torch.device("cpu")), bf16_autocast("bf16", torch.device("cpu"))
+        (False, True)
+    """
+    if setting == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return setting == "bf16"
 
 
 def make_stepper(dmp: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -262,7 +286,7 @@ class Trainer:
                 ctx.wrapper.model.set_grl_alpha(alpha)
                 try:
                     with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                        enabled=cfg.train.autocast == "bf16"):
+                                        enabled=bf16_autocast(cfg.train.autocast, ctx.device)):
                         parts, _, labels = self.stepper.progress(it)
                 except StopIteration:  # some rank ran out of data early (see epoch_batches)
                     break

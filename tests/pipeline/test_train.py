@@ -178,3 +178,17 @@ def test_debug_config_golden_losses_metrics_log_and_input_errors(tmp_path: Path)
     assert "CheckpointError" in out["other_model"]
     assert "model 'mptrec'" in out["other_model"] and "model 'mmoe'" in out["other_model"]
     assert "CheckpointError" in out["no_resume"] and "--resume" in out["no_resume"]
+
+
+def test_bf16_autocast_setting(tmp_path: Path) -> None:
+    from mptrec.pipeline.loop import bf16_autocast, cpu_has_native_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not bf16_autocast("none", cuda) and bf16_autocast("bf16", cpu) and bf16_autocast("auto", cuda)
+    with_bf16 = tmp_path / "with"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    without = tmp_path / "without"
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_has_native_bf16(str(with_bf16)) and not cpu_has_native_bf16(str(without))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+    assert bf16_autocast("auto", cpu) == cpu_has_native_bf16()
