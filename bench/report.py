@@ -180,13 +180,21 @@ def _loader(res: Mapping[str, Any]) -> list[str]:
     if tb and "error" not in tb:
         rows += [
             [f"loader, training columns, {tb['num_workers']} workers", fmt(tb["loader_alone"])],
-            ["training step alone (in-memory batches)", fmt(tb["step_alone"])],
+            ["training step alone (a few in-memory batches, cycled)", fmt(tb["step_alone"])],
         ]
+        if "prebuilt_epoch" in tb:
+            rows.append(["training epoch on the same batches built beforehand (in memory)",
+                         fmt(tb["prebuilt_epoch"])])
         for n, st in tb.get("end_to_end_by_workers", {"": tb["end_to_end"]}).items():
             rows.append([f"training fed by the loader, {n} workers (end to end)", fmt(st)])
     lines += _table(["measurement", "samples/s"], rows)
     if tb and "error" not in tb:
-        lines += [f"Bottleneck of a training run: **{tb['bottleneck']}**.", ""]
+        lines += [
+            f"Training fed by the loader ({tb['num_workers']} workers) reaches "
+            f"{fmt(tb['end_to_end_fraction_of_step'], 2)} of the same epoch on pre-built batches. "
+            f"Bottleneck of a training run: **{tb['bottleneck']}**.",
+            "",
+        ]
     return lines
 
 
