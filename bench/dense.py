@@ -16,15 +16,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 
 from mptrec.bench.common import PAPER, Settings, load_batches, run_config
 from mptrec.bench.harness import Variant, ratio, throughput
 from mptrec.bench.ours import Stage1, build_stage1, compile_dense_arch, scorer
 from mptrec.bench.profiling import profile_steps
 from mptrec.models.layers import MaskDropout
+from mptrec.pipeline import sharding
 from mptrec.pipeline.build import resolve_run_features
 from mptrec.pipeline.evaluate import evaluate
 
@@ -79,7 +82,7 @@ class DenseVariant:
         overrides: config overrides (``--set`` syntax).
         bf16: bf16 autocast around the step.
         patch: ``compile`` (:func:`compile_dense_arch`), ``bernoulli_dropout``
-            (:func:`use_bernoulli_dropout`).
+            (:func:`use_bernoulli_dropout`), ``ddp`` (TorchRec's default DDP wrapping on one rank).
     """
 
     name: str
@@ -113,6 +116,8 @@ def variants_for(s: Settings) -> list[DenseVariant]:
         DenseVariant(
             "nn.Dropout masks (bernoulli_, the old default)", "diagnostic", patch=("bernoulli_dropout",)
         ),
+        DenseVariant("DDP around the dense part on one rank (the old wrapping)", "diagnostic",
+                     patch=("ddp",)),
         DenseVariant("non-pipelined stepper", "diagnostic", overrides=("train.pipelined=false",)),
         DenseVariant("no dropout (changes the model)", "diagnostic", overrides=("model.expert_dropout=[]",)),
     ]
@@ -121,7 +126,12 @@ def variants_for(s: Settings) -> list[DenseVariant]:
 
 def _build(s: Settings, schema: dict[str, Any], group: Any, v: DenseVariant) -> tuple[Stage1, dict[str, Any]]:
     cfg = run_config(s, PAPER, batch_size=v.batch, extra=v.overrides)
-    trainer = build_stage1(cfg, schema, _batches(s, schema, v.batch, v.overrides), group, autocast=v.bf16)
+    batches = _batches(s, schema, v.batch, v.overrides)
+    if "ddp" in v.patch:  # TorchRec's default wrapper: DDP even with one rank
+        with mock.patch.object(sharding, "SingleRankDataParallelWrapper", DefaultDataParallelWrapper):
+            trainer = build_stage1(cfg, schema, batches, group, autocast=v.bf16)
+    else:
+        trainer = build_stage1(cfg, schema, batches, group, autocast=v.bf16)
     info: dict[str, Any] = {}
     if "bernoulli_dropout" in v.patch:
         info["dropouts_replaced"] = use_bernoulli_dropout(trainer.model)
