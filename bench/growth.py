@@ -25,10 +25,9 @@ import traceback
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from mptrec.bench.common import PAPER, Settings, process_group, run_config
-from mptrec.bench.harness import PeakRss
+from mptrec.bench.harness import PeakRss, in_fresh_process
 
 MIB = 1024.0 * 1024.0
 #: Rows of the generated data in a full run (--quick: the bench's rows and 4 times them).
@@ -123,20 +122,8 @@ def _point_worker(s: Settings, rows: int, scale: int, steps: int, queue: Any) ->
 
 def measure_point(s: Settings, rows: int, scale: int, steps: int, timeout: float = 1800.0) -> dict[str, Any]:
     """One point of the growth curves, measured in its own spawned process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_point_worker, args=(s, rows, scale, steps, queue))
-    proc.start()
-    try:
-        status, payload = queue.get(timeout=timeout)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"growth point rows={rows} vocab x{scale} failed:\n{payload}")
-    result: dict[str, Any] = payload
-    return result
+    what = f"growth point rows={rows} vocab x{scale}"
+    return in_fresh_process(_point_worker, (s, rows, scale, steps), what, timeout)
 
 
 def growth(s: Settings) -> dict[str, Any]:

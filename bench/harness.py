@@ -278,3 +278,32 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], results: Mapping[str, Any]) -> None:
     """Write results as indented JSON, atomically."""
     write_atomic(path, json.dumps(jsonable(results), indent=2) + "\n")
+
+
+def in_fresh_process(target: Callable[..., None], args: Sequence[Any], what: str,
+                     timeout: float = 900.0) -> dict[str, Any]:
+    """Run ``target(*args, queue)`` in a freshly spawned process; returns the dict it reports.
+
+    ``target`` must put ``("ok", result)`` or ``("error", traceback_text)`` on the queue.
+    The process is spawned (not forked), so it inherits none of this process's allocations.
+
+    Raises:
+        RuntimeError: naming ``what``, with the child's traceback, when it reports an error.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        status, payload = queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(f"{what} failed:\n{payload}")
+    result: dict[str, Any] = payload
+    return result
+

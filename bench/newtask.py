@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
 from mptrec.bench.common import (
@@ -46,7 +45,7 @@ from mptrec.bench.common import (
     run_config,
     with_new_task,
 )
-from mptrec.bench.harness import PeakRss, Stat
+from mptrec.bench.harness import PeakRss, Stat, in_fresh_process
 from mptrec.bench.ours import build_prompt, build_stage1
 from mptrec.bench.references import (
     RefMPTRec,
@@ -256,20 +255,7 @@ def _memory_worker(name: str, s: Settings, queue: Any) -> None:
 
 def memory_in_fresh_process(name: str, s: Settings, timeout: float = 900.0) -> dict[str, Any]:
     """Peak RSS and its growth during training of one way, measured in its own spawned process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(name, s, queue))
-    proc.start()
-    try:
-        status, payload = queue.get(timeout=timeout)
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"memory measurement of {name!r} failed:\n{payload}")
-    result: dict[str, Any] = payload
-    return result
+    return in_fresh_process(_memory_worker, (name, s), f"memory measurement of {name!r}", timeout)
 
 
 def _epochs(ways: dict[str, _Way], repeats: int) -> dict[str, Stat]:
