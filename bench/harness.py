@@ -17,10 +17,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from mptrec.io import atomic_write_text
 
 
 @dataclass
@@ -268,11 +269,7 @@ def jsonable(obj: Any) -> Any:
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically (temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    atomic_write_text(path, text)
 
 
 def write_json(path: str | os.PathLike[str], results: Mapping[str, Any]) -> None:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mptrec.data_loaders.schema import DataError, FeatureSpec
+from mptrec.io import atomic_write_json
 
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
@@ -45,7 +46,7 @@ _SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def write_schema(data_dir: str | os.PathLike[str], schema: Mapping[str, Any]) -> Path:
-    """Write ``DIR/schema.json`` atomically (a temporary file, then ``os.replace``).
+    """Write ``DIR/schema.json`` atomically (:func:`mptrec.io.atomic_write_json`).
 
     Args:
         data_dir: the shard folder.
@@ -54,11 +55,7 @@ def write_schema(data_dir: str | os.PathLike[str], schema: Mapping[str, Any]) ->
     Returns:
         The path written.
     """
-    path = Path(data_dir) / SCHEMA_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(schema, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(Path(data_dir) / SCHEMA_FILE, schema, indent=1, sort_keys=False)
 
 
 def _require(cond: bool, path: Path, what: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mptrec.data_loaders.schema import DataError
+from mptrec.io import atomic_write_json
 
 VOCAB_FILE = "vocab.json"
 
@@ -83,11 +84,7 @@ class Vocabulary:
 
     def save(self, out_dir: str | os.PathLike[str], extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``DIR/vocab.json`` atomically (``extra`` keys are stored beside ``fields``)."""
-        path = Path(out_dir) / VOCAB_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({**self.to_json(), **(extra or {})}) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_json(Path(out_dir) / VOCAB_FILE, {**self.to_json(), **(extra or {})}, indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Vocabulary:

@@ -32,6 +32,8 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
+from mptrec.pipeline.distributed import comm_device, is_distributed
+
 __all__ = [
     "ScoreBuffer",
     "binary_metrics",
@@ -238,12 +240,6 @@ def binary_metrics(logits: ArrayLike, labels: ArrayLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def gather_rows(*tensors: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
     """All-gather variable-length tensors along dim 0: every rank gets every rank's rows.
 
@@ -265,9 +261,9 @@ def gather_rows(*tensors: torch.Tensor, group: dist.ProcessGroup | None = None) 
     for t in tensors[1:]:
         if int(t.shape[0]) != rows:
             raise ValueError(f"gather_rows: tensors have {rows} and {int(t.shape[0])} rows")
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if not is_distributed(group):
         return [t.detach().cpu() for t in tensors]
-    device = _comm_device(group)
+    device = comm_device(group)
     world = dist.get_world_size(group)
     size = torch.tensor([rows], dtype=torch.int64, device=device)
     sizes_t = [torch.zeros_like(size) for _ in range(world)]

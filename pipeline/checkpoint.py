@@ -53,6 +53,8 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.io import atomic_write_json
+from mptrec.pipeline.distributed import barrier, get_rank, get_world_size
 
 __all__ = [
     "CheckpointError",
@@ -101,19 +103,6 @@ class TrainState:
     best_step: int | None = None
     bad_epochs: int = 0
     stopped: bool = False
-
-
-def _rank(group: dist.ProcessGroup | None = None) -> int:
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world(group: dist.ProcessGroup | None = None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
-def _barrier(group: dist.ProcessGroup | None = None) -> None:
-    if _world(group) > 1:
-        dist.barrier(group=group)
 
 
 def library_versions() -> dict[str, str]:
@@ -368,12 +357,6 @@ def latest_complete_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[Path | 
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     run_dir: str | os.PathLike[str],
     *,
@@ -413,17 +396,17 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     name = f"step-{state.step:06d}"
     tmp, final = root / f".tmp-{name}", root / name
-    rank = _rank(group)
+    rank = get_rank(group)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier(group)
+    barrier(group)
     dcp.save({"model": backbone_state_dict(module, prefix), "optim": optimizer.state_dict()},
              checkpoint_id=tmp, process_group=group)
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
-    _barrier(group)
+    barrier(group)
     if rank == 0:
         if em_labels is not None:
             torch.save(dict(em_labels), tmp / "em_labels.pt")
@@ -433,12 +416,12 @@ def save_checkpoint(
                  for f in sorted(tmp.rglob("*")) if f.is_file() and f.name != "meta.json"}
         meta = {"format": FORMAT_VERSION, **identity, "files": files, "step": state.step,
                 "epoch": state.epoch,
-                "batches_in_epoch": state.batches_in_epoch, "world_size": _world(group),
+                "batches_in_epoch": state.batches_in_epoch, "world_size": get_world_size(group),
                 "train_state": asdict(state), "metric": dict(metric) if metric else None,
                 "versions": library_versions(), "created": datetime.now(UTC).isoformat(timespec="seconds")}
-        _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+        atomic_write_json(tmp / "meta.json", meta, indent=1)
         _publish(root, tmp, final, is_best, keep_last)
-    _barrier(group)
+    barrier(group)
     return final
 
 
@@ -545,13 +528,14 @@ def load_checkpoint(
     loaded = LoadedCheckpoint(path=ckpt, meta=meta, state=TrainState(**meta["train_state"]))
     if (ckpt / "em_labels.pt").is_file():
         loaded.em_labels = torch.load(ckpt / "em_labels.pt", weights_only=True)
-    rng_file = ckpt / f"rng-rank{_rank(group)}.pt"
-    if restore_rng and meta.get("world_size") == _world(group) and rng_file.is_file():
+    rng_file = ckpt / f"rng-rank{get_rank(group)}.pt"
+    if restore_rng and meta.get("world_size") == get_world_size(group) and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
         loaded.rng_restored = True
     elif restore_rng:
         loaded.notes.append(f"RNG states not restored: checkpoint written by {meta.get('world_size')} "
-                            f"process(es), this run has {_world(group)} (resharded, not an exact resume)")
+                            f"process(es), this run has {get_world_size(group)} "
+                            "(resharded, not an exact resume)")
     return loaded
 
 

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from mptrec.data_loaders.schema import FeatureSpec, LabelSpec, OovPolicy
+from mptrec.io import atomic_write_json
 from mptrec.models.config import ModelConfig
 
 __all__ = [
@@ -580,8 +580,4 @@ def load_task_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()
 
 def write_resolved(cfg: Any, path: str | os.PathLike[str]) -> None:
     """Write the resolved config as JSON, atomically (temporary file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, p)
+    atomic_write_json(path, to_dict(cfg), indent=2, sort_keys=False)

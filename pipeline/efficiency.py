@@ -42,6 +42,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.io import atomic_write_json
 from mptrec.models import count_parameters, forward_flops_per_sample
 from mptrec.models.base import MultiTaskModel
 from mptrec.pipeline.config import PromptTuneConfig, RunConfig
@@ -265,11 +266,9 @@ def full_retrain_summary(result: Any, device: torch.device) -> dict[str, Any]:
         ``loop_wall_s`` (the training loop: epochs, validation, EM, checkpoints), per epoch,
         steps, samples/s, peak RSS (max over ranks), every validation record and the best one.
     """
-    import torch.distributed as dist
+    from mptrec.pipeline.distributed import get_world_size, max_over_ranks
 
-    peak = torch.tensor([peak_rss_mib()], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak = max_over_ranks(peak_rss_mib(), device)
     valid = list(result.valid)
     best = max(valid, key=lambda r: r["auc_sum"]) if valid else None
     epochs = len(valid)
@@ -279,10 +278,10 @@ def full_retrain_summary(result: Any, device: torch.device) -> dict[str, Any]:
         "loop_wall_s_per_epoch": round(result.wall_s / epochs, 4) if epochs else None,
         "steps": result.steps,
         "samples_per_s": round(result.samples_per_s, 1),
-        "peak_rss_mib": round(float(peak.item()), 1),
+        "peak_rss_mib": round(peak, 1),
         "valid": valid,
         "best": best,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "world_size": get_world_size(),
     }
 
 
@@ -392,7 +391,6 @@ def compare_full(run_dir: str | os.PathLike[str], task: str, nproc: int, *,
         load_registry,
         record_result,
         task_dir,
-        write_json_atomic,
     )
 
     entry = load_registry(run_dir)["tasks"].get(task)
@@ -410,5 +408,5 @@ def compare_full(run_dir: str | os.PathLike[str], task: str, nproc: int, *,
         result["process_wall_ratio"] = ratio(stage2_process_wall_s, float(full["process_wall_s"]))
     efficiency = {**entry["efficiency"], "full_retraining": result}
     record_result(run_dir, task, status=entry["status"], metrics=entry["metrics"], efficiency=efficiency)
-    write_json_atomic(task_dir(run_dir, task) / "efficiency.json", efficiency)
+    atomic_write_json(task_dir(run_dir, task) / "efficiency.json", efficiency)
     return result

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from mptrec.data_loaders.batch import Batch
+from mptrec.pipeline.distributed import is_distributed
 
 __all__ = ["EMLabelStore", "relabel"]
 
@@ -88,7 +89,7 @@ class EMLabelStore:
         ids = sample_ids.to(self.device)
         update[0, ids] = (assignments.to(self.device) + 1).to(torch.int8)
         update[1, ids] = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if is_distributed(group):
             dist.all_reduce(update, op=dist.ReduceOp.SUM, group=group)
         if self.num_rows and int(update[1].max()) > 1:
             raise RuntimeError("EM labels of some rows were written by more than one rank "
@@ -125,7 +126,7 @@ def relabel(
     Args:
         store: the label store to update.
         batches: ``(batch, is_real)`` pairs in lock-step across ranks
-            (:func:`mptrec.pipeline.evaluate.lockstep`); filler batches are scored (the sharded
+            (:func:`mptrec.pipeline.distributed.lockstep`); filler batches are scored (the sharded
             forward is collective) and discarded.
         score: ``batch -> task -> (B,) fused logits``; called under ``torch.no_grad()``; the
             caller puts the model in eval mode.

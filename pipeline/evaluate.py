@@ -24,19 +24,18 @@ is ``sigmoid(logit)``), and ``group`` (int64) when a user field is given.
 
 Distributed: under ``DistributedModelParallel`` the sharded forward holds collectives, so every
 rank must call the model the same number of times although ranks may own different numbers of
-batches. :func:`lockstep` all-reduces a "has a batch" flag each step and, on a rank out of
-data, yields a filler batch (its last batch, or a one-row copy of another rank's first batch
-when it had none) whose outputs are discarded. Every rank computes the metrics over the
+batches. :func:`mptrec.pipeline.distributed.lockstep` all-reduces a "has a batch" flag each step
+and, on a rank out of data, yields a filler batch (its last batch, or a one-row copy of another
+rank's first batch when it had none) whose outputs are discarded. Every rank computes the metrics over the
 all-gathered rows and returns the same report.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,101 +48,19 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from mptrec.data_loaders.batch import Batch
+from mptrec.io import atomic_write, atomic_write_json
 from mptrec.pipeline.auc import ScoreBuffer, binary_metrics, grouped_auc_details
+from mptrec.pipeline.distributed import is_distributed, lockstep
 
 __all__ = [
     "EvalSetupError",
     "evaluate",
     "evaluate_run",
-    "first_row",
-    "lockstep",
     "write_predictions",
     "write_report_json",
 ]
 
 ScoringFn = Callable[[torch.Tensor, KeyedJaggedTensor], Mapping[str, torch.Tensor]]
-
-
-def _distributed(group: dist.ProcessGroup | None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def first_row(batch: Batch) -> Batch:
-    """A one-row copy (on CPU) of a batch's first row, used as a filler batch.
-
-    Args:
-        batch: a batch with at least one row.
-
-    Returns:
-        A :class:`Batch` of one row with the same keys, dense width and label names.
-    """
-    if batch.batch_size < 1:
-        raise ValueError("first_row needs a batch with at least one row")
-    kjt = batch.sparse_features
-    values, lengths, weights = [], [], []
-    for key in kjt.keys():
-        jt = kjt[key]
-        n0 = jt.lengths()[:1].cpu()
-        lengths.append(n0)
-        values.append(jt.values()[: int(n0.sum())].cpu())
-        if jt.weights_or_none() is not None:
-            weights.append(jt.weights()[: int(n0.sum())].cpu())
-    one = KeyedJaggedTensor.from_lengths_sync(
-        keys=kjt.keys(),
-        values=torch.cat(values) if values else torch.zeros(0, dtype=torch.long),
-        lengths=torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.int32),
-        weights=torch.cat(weights) if weights else None,
-    )
-    ids = batch.sample_ids[:1].cpu() if batch.sample_ids.numel() else batch.sample_ids.cpu()
-    return Batch(dense_features=batch.dense_features[:1].cpu(), sparse_features=one,
-                 labels={k: v[:1].cpu() for k, v in batch.labels.items()}, sample_ids=ids)
-
-
-def lockstep(
-    batches: Iterable[Batch], *, group: dist.ProcessGroup | None = None
-) -> Iterator[tuple[Batch, bool]]:
-    """Iterate batches so that every rank takes the same number of steps.
-
-    Collective: each step all-reduces a flag; iteration ends when every rank is out of data. A
-    rank that is out of data yields ``(filler, False)``: the filler's outputs must be discarded.
-    Consume the iterator to the end on every rank (breaking early on one rank deadlocks the
-    others). Without a process group it yields ``(batch, True)`` for each batch.
-
-    Args:
-        batches: this rank's batches.
-        group: process group (default: the world).
-
-    Yields:
-        (batch, is_real).
-    """
-    it = iter(batches)
-    if not _distributed(group):
-        for b in it:
-            yield b, True
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-    filler: Batch | None = None
-    step = 0
-    while True:
-        b = next(it, None)
-        flags = torch.tensor([int(b is not None), int(b is None)], dtype=torch.int64, device=device)
-        dist.all_reduce(flags, group=group)
-        if int(flags[0]) == 0:
-            return
-        if step == 0 and int(flags[1]) > 0:
-            # some rank owns no batch at all: every rank receives one row of some rank's data
-            shared: list[Batch | None] = [None] * dist.get_world_size(group)
-            dist.all_gather_object(shared, first_row(b) if b is not None else None, group=group)
-            filler = next(s for s in shared if s is not None)
-        step += 1
-        if b is None:
-            if filler is None:  # cannot happen: step 0 fills it for ranks without data
-                raise RuntimeError("lockstep: no filler batch on a rank out of data")
-            yield filler, False
-        else:
-            filler = b
-            yield b, True
 
 
 def _groups_of(kjt: KeyedJaggedTensor, key: str) -> torch.Tensor:
@@ -285,7 +202,7 @@ def evaluate(
     """
     if not task_names:
         raise ValueError("evaluate needs at least one task")
-    distributed = _distributed(group)
+    distributed = is_distributed(group)
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
     dev = torch.device(device)
@@ -317,11 +234,6 @@ def evaluate(
     return report
 
 
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_predictions(rows: Mapping[str, torch.Tensor], task_names: Sequence[str],
                       path: str | os.PathLike[str]) -> None:
     """Write gathered rows to one Parquet file, sorted by ``sample_id``, atomically.
@@ -347,10 +259,7 @@ def write_predictions(rows: Mapping[str, torch.Tensor], task_names: Sequence[str
         cols[f"logit_{t}"] = pa.array(logits[:, i].astype(np.float32))
     if "groups" in rows:
         cols["group"] = pa.array(rows["groups"].numpy()[order], type=pa.int64())
-    p = Path(path)
-    tmp = _atomic_path(p)
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, p)
+    atomic_write(path, lambda tmp: pq.write_table(pa.table(cols), tmp))
 
 
 def write_report_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
@@ -360,11 +269,7 @@ def write_report_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -
         report: the :func:`evaluate` report.
         path: destination file.
     """
-    p = Path(path)
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    tmp = _atomic_path(p)
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    atomic_write_json(path, report, indent=2, allow_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +360,7 @@ def evaluate_run(
         if not extra:
             raise ValueError(f"user field {user_field!r} is not a sparse feature of {data_dir}/schema.json")
         features, user_is_input = features + extra, False
-    distributed = _distributed(None)
+    distributed = is_distributed(None)
     dataset = ShardDataset(
         data_dir, split, features=features, labels=[t.label_spec() for t in tasks],
         batch_size=cfg.data.batch_size, rank=dist.get_rank() if distributed else 0,

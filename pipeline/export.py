@@ -44,7 +44,6 @@ rename; a failed export leaves no ``DIR`` (and an existing one untouched).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import warnings
@@ -60,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.io import atomic_write_json
 from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline import artifact as art
 from mptrec.pipeline.config import RunConfig, TaskSpec
@@ -614,9 +614,7 @@ def export_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, 
             fp32 = build_serving_module(run, checkpoint, tasks).module  # the reference: fp32 tables
             parsed = art.parse_manifest(manifest, tmp / art.MANIFEST_FILE)
             manifest["quantization"] = quantization_report(b, fp32, parsed, quantize, split)
-        text = json.dumps(manifest, indent=2, allow_nan=False) + "\n"
-        (tmp / f".{art.MANIFEST_FILE}.tmp").write_text(text)
-        os.replace(tmp / f".{art.MANIFEST_FILE}.tmp", tmp / art.MANIFEST_FILE)
+        atomic_write_json(tmp / art.MANIFEST_FILE, manifest, indent=2, allow_nan=False)
         _publish(tmp, dest, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ minimum of their batch counts (``all_reduce MIN``) and every rank trains that ma
 the surplus of the other ranks (at most about one row group per rank and epoch, since the
 loader deals whole row groups round-robin) is not trained on in that epoch. Validation and EM
 re-labelling instead score every row exactly once, in lock-step with filler batches
-(:func:`mptrec.pipeline.evaluate.lockstep`).
+(:func:`mptrec.pipeline.distributed.lockstep`).
 
 Exact resume. A checkpoint records the epoch and the number of its batches already trained; a
 resumed run re-creates that epoch's (deterministic) batch order and skips that many batches,
@@ -40,13 +40,14 @@ from mptrec.data_loaders.batch import Batch
 from mptrec.models import em_assign, grl_alpha
 from mptrec.pipeline.checkpoint import TrainState, save_checkpoint
 from mptrec.pipeline.config import RunConfig, to_dict
+from mptrec.pipeline.distributed import agree_min, lockstep, lockstep_min
 from mptrec.pipeline.em import EMLabelStore, relabel
-from mptrec.pipeline.evaluate import evaluate, lockstep
+from mptrec.pipeline.evaluate import evaluate
 from mptrec.pipeline.metrics_log import MetricsLogger
 from mptrec.pipeline.train_task import TrainOutput, TrainWrapper
 
-__all__ = ["DataSource", "PlainStepper", "TrainContext", "TrainResult", "Trainer", "agree_min",
-           "bf16_autocast", "cpu_has_native_bf16", "epoch_batches", "make_stepper"]
+__all__ = ["DataSource", "PlainStepper", "TrainContext", "TrainResult", "Trainer", "bf16_autocast",
+           "cpu_has_native_bf16", "epoch_batches", "make_stepper"]
 
 
 class DataSource(Protocol):
@@ -133,15 +134,6 @@ def make_stepper(dmp: nn.Module, optimizer: torch.optim.Optimizer, device: torch
     return PlainStepper(dmp, optimizer, device)
 
 
-def agree_min(value: int, device: torch.device, group: dist.ProcessGroup | None = None) -> int:
-    """The minimum of ``value`` over the ranks (collective; ``value`` itself without a group)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t.item())
-
-
 def epoch_batches(batches: Iterable[Batch], skip: int, limit: int, device: torch.device,
                   group: dist.ProcessGroup | None = None) -> Iterator[Batch]:
     """Batches ``skip .. limit-1`` of an epoch, ending on every rank at once (collective per batch).
@@ -154,17 +146,7 @@ def epoch_batches(batches: Iterable[Batch], skip: int, limit: int, device: torch
     for i in range(skip):
         if next(it, None) is None:
             raise RuntimeError(f"resume: the epoch has only {i} batches on this rank, cannot skip {skip}")
-    distributed = dist.is_initialized() and dist.get_world_size(group) > 1
-    for _ in range(skip, limit):
-        batch = next(it, None)
-        if distributed:
-            flag = torch.tensor([int(batch is not None)], dtype=torch.int64, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-            if int(flag.item()) == 0:
-                return
-        if batch is None:
-            return
-        yield batch
+    yield from lockstep_min(it, device, group, steps=limit - skip)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from mptrec.io import atomic_write_text
+
 __all__ = ["MetricsLogger", "read_metrics"]
 
 
@@ -68,9 +70,7 @@ class MetricsLogger:
                 if line.strip() and json.loads(line).get("step", -1) <= step]
         if self._fh is not None:
             self._fh.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
         self._fh = self.path.open("a", encoding="utf-8")
 
     def log(self, record: Mapping[str, Any]) -> None:

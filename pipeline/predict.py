@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from mptrec.io import atomic_write
 from mptrec.pipeline.artifact import (
     Artifact,
     ArtifactError,
@@ -148,10 +149,8 @@ def score_part(plan: PredictPlan, rank: int, world: int, *, threads: int = 0, pr
     with tqdm(total=total, desc=desc, unit="row", unit_scale=True, file=sys.stderr,
               disable=not progress) as bar:
         cols = score_units(artifact, mine, plan.batch_size, bar)
-    path = _part_path(plan, rank)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table({k: pa.array(v) for k, v in cols.items()}), tmp)
-    os.replace(tmp, path)
+    table = pa.table({k: pa.array(v) for k, v in cols.items()})
+    atomic_write(_part_path(plan, rank), lambda tmp: pq.write_table(table, tmp))
     return int(cols["sample_id"].shape[0])
 
 
@@ -182,13 +181,7 @@ def merge_parts(plan: PredictPlan, world: int) -> int:
         logit = table.column(f"{t}_logit").to_numpy()[order].astype(np.float32, copy=False)
         cols[f"{t}_prob"] = pa.array(torch.sigmoid(torch.from_numpy(logit)).numpy())
         cols[f"{t}_logit"] = pa.array(logit)
-    plan.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.out.with_name(f".{plan.out.name}.tmp{os.getpid()}")
-    try:
-        pq.write_table(pa.table(cols), tmp)
-        os.replace(tmp, plan.out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(plan.out, lambda tmp: pq.write_table(pa.table(cols), tmp))
     shutil.rmtree(plan.parts_dir, ignore_errors=True)
     return int(ids.shape[0])
 

@@ -54,8 +54,18 @@ from tqdm import tqdm
 
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
+from mptrec.io import atomic_write, atomic_write_json
 from mptrec.models import count_parameters
 from mptrec.pipeline.config import PromptTuneConfig, to_dict
+from mptrec.pipeline.distributed import (
+    agree_min,
+    barrier,
+    get_rank,
+    get_world_size,
+    lockstep,
+    lockstep_min,
+    max_over_ranks,
+)
 from mptrec.pipeline.efficiency import EpochClock, cuda_peak_mib, peak_rss_mib
 from mptrec.pipeline.registry import (
     check_base_unchanged,
@@ -64,12 +74,11 @@ from mptrec.pipeline.registry import (
     prompt_config,
     record_result,
     task_dir,
-    write_json_atomic,
 )
 from mptrec.pipeline.serving import PromptModel, backbone_digest, build_prompt_model
 
 __all__ = [
-    "Stage2", "StageResult", "backbone_digest", "lockstep_min", "prompt_tune", "run_stage2", "setup_stage2",
+    "Stage2", "StageResult", "backbone_digest", "prompt_tune", "run_stage2", "setup_stage2",
     "train_head",
 ]
 
@@ -132,12 +141,6 @@ class StageResult:
     losses: list[float] = field(default_factory=list)
 
 
-def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
 def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.device,
                  overrides: Sequence[str] = (), group: dist.ProcessGroup | None = None) -> Stage2:
     """Check the registration, build/shard/load the frozen model with a fresh head (collective).
@@ -148,7 +151,7 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
     run = Path(run_dir)
     cfg, entry = prompt_config(run, task, overrides)
     ckpt = check_base_unchanged(run, load_registry(run), task)
-    rank, world = _world(group)
+    rank, world = get_rank(group), get_world_size(group)
     from mptrec.pipeline.registry import load_run_config
 
     run_cfg = load_run_config(run)
@@ -181,29 +184,6 @@ def _dataset(s: Stage2, split: str, shuffle: bool) -> ShardDataset:
 def _loader(ds: ShardDataset, epoch: int, num_workers: int) -> DataLoader[Batch]:
     ds.set_epoch(epoch)
     return make_dataloader(ds, num_workers)
-
-
-def lockstep_min(batches: Iterable[Batch], device: torch.device,
-                 group: dist.ProcessGroup | None = None) -> Iterator[Batch]:
-    """Yield batches while EVERY rank still has one (all_reduce MIN of a flag before each step).
-
-    Collective per step; without a multi-rank group it yields every batch.
-    """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-    for batch in _with_end(batches):
-        if distributed:
-            flag = torch.tensor([0 if batch is None else 1], dtype=torch.int64, device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-            if int(flag.item()) == 0:
-                return
-        if batch is None:
-            return
-        yield batch
-
-
-def _with_end(batches: Iterable[Batch]) -> Iterator[Batch | None]:
-    yield from batches
-    yield None
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,8 +224,6 @@ class FeatureCache:
 
 def _collect(s: Stage2, batches: Iterable[Batch]) -> FeatureCache:
     """Run the frozen backbone once over ``batches`` (lock-step with fillers: collective)."""
-    from mptrec.pipeline.evaluate import lockstep
-
     rows: dict[str, list[torch.Tensor]] = {}
     const: dict[str, torch.Tensor] = {}
     labels: list[torch.Tensor] = []
@@ -338,8 +316,6 @@ def _streamed(s: Stage2, batches: Iterable[Batch]) -> Iterator[tuple[dict[str, t
 def _cached(s: Stage2, cache: FeatureCache,
             epoch: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """This epoch's shuffled batches of the cache, as many on every rank (all_reduce MIN)."""
-    from mptrec.pipeline.loop import agree_min
-
     n = agree_min(cache.num_batches(s.batch_size), s.device, s.group)
     g = torch.Generator().manual_seed(s.cfg.seed * 1_000_003 + epoch * 101 + s.rank)
     order = torch.randperm(cache.num_rows, generator=g).to(cache.labels.device)
@@ -429,14 +405,6 @@ def train_head(s: Stage2, *, num_workers: int = 0, progress: bool = True, logger
 # --------------------------------------------------------------------------------------------
 
 
-def _max_over_ranks(value: float, s: Stage2) -> float:
-    if s.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=s.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=s.group)
-    return float(t.item())
-
-
 def _efficiency(s: Stage2, res: StageResult) -> dict[str, Any]:
     from mptrec.pipeline.efficiency import static_figures
 
@@ -451,8 +419,8 @@ def _efficiency(s: Stage2, res: StageResult) -> dict[str, Any]:
         **figures,
         **res.clock.summary(),
         "steps": res.steps,
-        "peak_rss_mib": round(_max_over_ranks(peak_rss_mib(), s), 1),
-        "peak_cuda_mib": None if cuda is None else round(_max_over_ranks(cuda, s), 1),
+        "peak_rss_mib": round(max_over_ranks(peak_rss_mib(), s.device, s.group), 1),
+        "peak_cuda_mib": None if cuda is None else round(max_over_ranks(cuda, s.device, s.group), 1),
         "world_size": s.world_size,
         "device": s.device.type,
         "memory_measure": "max over ranks of getrusage(RUSAGE_SELF).ru_maxrss (whole-process peak RSS)",
@@ -466,15 +434,14 @@ def _save(s: Stage2, res: StageResult, metrics: dict[str, Any], efficiency: dict
     out = task_dir(s.run_dir, s.cfg.name)
     out.mkdir(parents=True, exist_ok=True)
     head_path = out / "head.pt"
-    tmp = out / f".head.pt.tmp{os.getpid()}"
-    torch.save({k: v.detach().cpu().clone() for k, v in res.best_state.items()}, tmp)
-    os.replace(tmp, head_path)
+    state = {k: v.detach().cpu().clone() for k, v in res.best_state.items()}
+    atomic_write(head_path, lambda tmp: torch.save(state, tmp))
     meta = {"task": s.cfg.name, "method": s.cfg.method, "tower_hidden": list(s.tower_hidden),
             "config": to_dict(s.cfg), "base_checkpoint": s.entry["base_checkpoint"],
             "base_checkpoint_sha256": s.entry["base_checkpoint_sha256"], "world_size": s.world_size,
             "metrics": metrics, "versions": library_versions(), "adapter_params": list(s.head.state_dict())}
-    write_json_atomic(out / "meta.json", meta)
-    write_json_atomic(out / "efficiency.json", efficiency)
+    atomic_write_json(out / "meta.json", meta)
+    atomic_write_json(out / "efficiency.json", efficiency)
     record_result(s.run_dir, s.cfg.name, status="trained", metrics=metrics, efficiency=efficiency,
                   artifact_sha256=file_sha256(head_path))
     return head_path
@@ -518,8 +485,7 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
         print(json.dumps({"task": s.cfg.name, "valid_auc": res.best_auc,
                           "trainable_params": efficiency["trainable_params"],
                           "trainable_fraction": efficiency["trainable_fraction"]}), file=sys.stderr)
-    if s.world_size > 1:
-        dist.barrier(group=s.group)
+    barrier(s.group)
     return {"metrics": metrics, "efficiency": efficiency, "artifact": str(artifact)}
 
 

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mptrec.io import atomic_write, atomic_write_json
 from mptrec.pipeline.config import (
     ConfigError,
     PromptTuneConfig,
@@ -97,23 +98,15 @@ def _now() -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically (temporary file, then rename).
+    """Write ``data`` as indented JSON to ``path`` atomically (:func:`mptrec.io.atomic_write_json`).
+
+    The registry's writes go through this name so that tests can interrupt them.
 
     Args:
         path: destination file; its folder is created if needed.
         data: a JSON-serialisable object.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_json(path, data)
 
 
 @contextlib.contextmanager
@@ -439,9 +432,7 @@ def register_task(run_dir: str | os.PathLike[str], task_config: str | os.PathLik
         existed = out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / ".task.toml.tmp"
-            shutil.copyfile(task_config, tmp)
-            os.replace(tmp, out / "task.toml")
+            atomic_write(out / "task.toml", lambda tmp: shutil.copyfile(task_config, tmp))
             write_json_atomic(out / "task.json", to_dict(cfg))
             entry = {
                 "name": cfg.name,

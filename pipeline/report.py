@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from mptrec.io import atomic_write, atomic_write_text
 from mptrec.pipeline.auc import roc_curve
 
 __all__ = ["RunRecord", "build_report", "load_run", "make_plots", "table2", "table3"]
@@ -308,10 +309,10 @@ def _slug(text: str) -> str:
 
 
 def _save(plt: Any, fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def _plot_roc(plt: Any, runs: Sequence[RunRecord], out: Path) -> list[str]:
@@ -460,8 +461,4 @@ def build_report(run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.P
         parts.append("No plot data (no predictions file, metrics.jsonl or cluster sizes in the runs).")
     else:
         parts += [f"![{Path(p).stem}]({p})" for p in plots]
-    path = out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n\n".join(parts) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "report.md", "\n\n".join(parts) + "\n")

@@ -15,7 +15,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mptrec.data_loaders.batch import Batch
 from mptrec.pipeline.auc import binary_metrics
-from mptrec.pipeline.evaluate import evaluate, first_row, lockstep, write_report_json
+from mptrec.pipeline.distributed import first_row, lockstep
+from mptrec.pipeline.evaluate import evaluate, write_report_json
 from tests.dist import run_multiprocess
 
 NUM_ITEMS = 50

@@ -111,14 +111,15 @@ def _stage2(rank: int, world: int, data: str, run: str,
             stage1_logits: dict[str, np.ndarray]) -> dict[str, Any]:
     """Prompt-tune on 2 ranks and check the guarantees on each rank."""
     from mptrec.models import count_parameters
-    from mptrec.pipeline.prompt_tune import lockstep_min, run_stage2, setup_stage2
+    from mptrec.pipeline.distributed import lockstep_min
+    from mptrec.pipeline.prompt_tune import run_stage2, setup_stage2
     from mptrec.pipeline.registry import hash_checkpoint
     from mptrec.pipeline.serving import backbone_digest, table_weights
     from mptrec.pipeline.sharding import unwrap_dmp
 
     device = torch.device("cpu")
     # uneven ranks: rank 0 has 3 items, rank 1 has 5 -> both take 3 steps
-    assert len(list(lockstep_min(list(range(3 + 2 * rank)), device))) == 3  # type: ignore[arg-type]
+    assert len(list(lockstep_min(list(range(3 + 2 * rank)), device))) == 3
 
     s = setup_stage2(run, "scen", device)
     ckpt_sha = hash_checkpoint(s.pm.checkpoint)
