@@ -136,17 +136,14 @@ class Prompt:
         """The step of :mod:`mptrec.pipeline.prompt_tune` on one batch; returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.dmp(batch.dense_features, batch.sparse_features)[self.task]
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels[self.task].to(logits.dtype))
-        if self.r_dnn > 0:
-            loss = loss + self.r_dnn * self.head.l2_penalty()
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        return self._update(logits, batch.labels[self.task])
 
     def step_on_features(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> float:
         """The job's step on cached backbone features (``feature_cache_mib``); returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.head(feats)
+        return self._update(self.head(feats), labels)
+
+    def _update(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
         if self.r_dnn > 0:
             loss = loss + self.r_dnn * self.head.l2_penalty()

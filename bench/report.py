@@ -314,30 +314,15 @@ def _growth(res: Mapping[str, Any]) -> list[str]:
 
 
 def _serving(res: Mapping[str, Any]) -> list[str]:
+    from mptrec.bench.serving import markdown
+
     sec = res.get("serving")
     lines = ["## Serving (export + predict)", ""]
     if sec is None or "error" in sec:
         return lines + _error(sec)
     if "skipped" in sec:
         return lines + [f"(skipped: {sec['skipped']})", ""]
-    rows = []
-    for kind in ("fp32", "int8", "fp16"):
-        r = sec[kind]
-        red = "-" if r.get("size_reduction") is None else f"-{100 * r['size_reduction']:.0f}%"
-        rel = f" ({r['score_vs_fp32']:.2f}x)" if "score_vs_fp32" in r else ""
-        deltas = r.get("auc_delta") or {}
-        auc = ", ".join(f"{t} {d:+.5f}" for t, d in deltas.items()) or "-"
-        rows.append([kind, fmt(r["score"]) + rel, f"{r['end_to_end_s']:.2f}",
-                     f"{r['program_bytes'] / 2**20:.1f}", f"{r['table_bytes'] / 2**20:.1f}", red, auc])
-    header = ["tables", "score rows/s", "end to end (s)", "model.pt2 MiB", "tables MiB", "size vs fp32",
-              "AUC change (valid)"]
-    lines += _table(header, rows)
-    return lines + [
-        f"`mptrec export` of `{sec['run']}` and `mptrec predict` of its `{sec['split']}` split "
-        f"({sec['fp32']['rows']:,} rows, 1 process, {sec['threads']} thread, batch {sec['batch_size']:,}); "
-        "score = read + convert + program over every row group, repeats interleaved over the table types.",
-        "",
-    ]
+    return lines + [markdown(dict(sec)).rstrip(), ""]
 
 
 def _targets(res: Mapping[str, Any]) -> list[str]:

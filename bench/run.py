@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
+from mptrec.bench import SECTIONS
 from mptrec.bench.common import PAPER, WIDTH32, Settings, ensure_data, make_settings, process_group
 from mptrec.bench.harness import Stat, jsonable, machine_info, thread_info, versions, write_atomic, write_json
 
 #: 1-minute load average above which the results carry a "machine not idle" warning.
 BUSY_LOAD = 0.5
 
-SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth", "serving")
 #: The trained run the serving section exports and scores (``make demo`` leaves one).
 DEFAULT_SERVING_RUN = Path("runs") / "demo"
 

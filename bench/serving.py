@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from mptrec.bench.harness import Stat, machine_info, versions, write_atomic, write_json
+from mptrec.bench.harness import Stat, jsonable, machine_info, versions, write_atomic, write_json
 from mptrec.pipeline.artifact import load_artifact
 from mptrec.pipeline.export import export_run
 from mptrec.pipeline.predict import plan_predict, predict, score_units
@@ -102,7 +102,8 @@ def serving_bench(run: str | os.PathLike[str], *, data: str | None = None, split
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """A Markdown table of the results."""
+    """A Markdown table of the results (as :func:`serving_bench` returns them, or as JSON)."""
+    results = jsonable(results)
     lines = [
         f"Serving (`mptrec predict`, {results['processes']} process, {results['threads']} thread, batch "
         f"{results['batch_size']}, {results[('fp32')]['rows']:,} rows of `{results['split']}`, median of "
@@ -116,7 +117,7 @@ def markdown(results: dict[str, Any]) -> str:
         red = "-" if r["size_reduction"] is None else f"-{100 * r['size_reduction']:.0f}%"
         rel = f" ({r['score_vs_fp32']:.2f}x)" if "score_vs_fp32" in r else ""
         auc = "-" if not r["auc_delta"] else ", ".join(f"{t} {d:+.5f}" for t, d in r["auc_delta"].items())
-        lines.append(f"| {kind} | {r['score'].median:,.0f}{rel} | {r['end_to_end_s']:.2f} | "
+        lines.append(f"| {kind} | {r['score']['median']:,.0f}{rel} | {r['end_to_end_s']:.2f} | "
                      f"{r['program_bytes'] / 2**20:.1f} | {r['table_bytes'] / 2**20:.1f} | {red} | {auc} |")
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SECTIONS = ("stage1", "scaling", "profile", "dense", "loader", "new_task", "eval", "growth", "serving")
+from mptrec.bench import SECTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -261,14 +261,14 @@ class Trainer:
                    unit="batch", file=sys.stderr, disable=not (ctx.progress and ctx.rank == 0),
                    dynamic_ncols=True)
         t_log = time.perf_counter()
+        bf16 = bf16_autocast(cfg.train.autocast, ctx.device)
         with bar:
             while st.batches_in_epoch < n and not self._max_steps_reached():
                 alpha = grl_alpha(cfg.model.grl_schedule, st.batches_in_epoch, st.epoch + 1, n,
                                   cfg.train.epochs, cfg.data.batch_size, cfg.model.grl_alpha)
                 ctx.wrapper.model.set_grl_alpha(alpha)
                 try:
-                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16,
-                                        enabled=bf16_autocast(cfg.train.autocast, ctx.device)):
+                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
                         parts, _, labels = self.stepper.progress(it)
                 except StopIteration:  # some rank ran out of data early (see epoch_batches)
                     break
