@@ -1,23 +1,58 @@
-# Paired before/after test AUCs of two accuracy-harness roots (Ali-CCP), over training seeds.
-# Usage: python scripts/accuracy_before_after.py SEED... (reads /work/accs/{before,after}-SEED/; see bench/accuracy.md)
-import json, sys, numpy as np, pyarrow.parquet as pq
-from mptrec.bench.stats import compare, combine_seeds, seed_summary
-seeds = [s for s in sys.argv[1:]]
-def load(p):
-    t = pq.read_table(p); o = np.argsort(t["sample_id"].to_numpy())
-    return {c: t[c].to_numpy()[o] for c in t.schema.names}
-rows = {}
-for t in ["ctr", "cvr", "scenario"]:
-    per, aucs = [], {"before": [], "after": []}
-    for s in seeds:
-        b = load(f"/work/accs/before-{s}/aliccp-1000k/run/test_predictions.parquet")
-        a = load(f"/work/accs/after-{s}/aliccp-1000k/run/test_predictions.parquet")
-        assert (a["sample_id"] == b["sample_id"]).all()
-        c = compare(a["label_" + t], a["logit_" + t], b["logit_" + t], n_boot=1000, seed=0)
-        per.append(c); aucs["after"].append(c["delong"]["auc_a"]); aucs["before"].append(c["delong"]["auc_b"])
-    comb = combine_seeds(per)
-    bm, bs, _ = seed_summary(aucs["before"]); am, as_, _ = seed_summary(aucs["after"])
-    boot = comb["bootstrap"]
-    print(f"{t}: before {bm:.4f} ± {bs or 0:.4f}  after {am:.4f} ± {as_ or 0:.4f}  "
-          f"after-before {comb['mean_diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}] (paired bootstrap, {len(seeds)} seeds)  "
-          f"per seed {[round(x,4) for x in comb['diffs']]}")
+"""Paired before/after test AUCs of two sets of accuracy-harness roots (Ali-CCP), over seeds.
+
+Usage: ``python scripts/accuracy_before_after.py [--root DIR] SEED...``; reads
+``DIR/{before,after}-SEED/aliccp-1000k/run/test_predictions.parquet`` (see bench/accuracy.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from mptrec.bench.stats import combine_seeds, compare, seed_summary
+
+TASKS = ("ctr", "cvr", "scenario")
+
+
+def load(path: str) -> dict[str, Any]:
+    """The columns of a predictions file, rows sorted by ``sample_id``."""
+    table = pq.read_table(path)
+    order = np.argsort(table["sample_id"].to_numpy())
+    return {c: table[c].to_numpy()[order] for c in table.schema.names}
+
+
+def main() -> None:
+    """Print, per task, the seeds' mean AUCs and the paired difference with its interval."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("seeds", nargs="+")
+    parser.add_argument("--root", default="/work/accs")
+    args = parser.parse_args()
+    runs = {
+        (side, s): load(f"{args.root}/{side}-{s}/aliccp-1000k/run/test_predictions.parquet")
+        for side in ("before", "after")
+        for s in args.seeds
+    }
+    for task in TASKS:
+        per_seed = []
+        for s in args.seeds:
+            before, after = runs["before", s], runs["after", s]
+            if not np.array_equal(before["sample_id"], after["sample_id"]):
+                raise SystemExit(f"seed {s}: before and after were scored on different rows")
+            y = after["label_" + task]
+            per_seed.append(compare(y, after["logit_" + task], before["logit_" + task], n_boot=1000, seed=0))
+        both = combine_seeds(per_seed)
+        b_mean, b_std, _ = seed_summary([c["delong"]["auc_b"] for c in per_seed])
+        a_mean, a_std, _ = seed_summary([c["delong"]["auc_a"] for c in per_seed])
+        boot = both["bootstrap"]
+        print(
+            f"{task}: before {b_mean:.4f} ± {b_std or 0:.4f}  after {a_mean:.4f} ± {a_std or 0:.4f}  "
+            f"after-before {both['mean_diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}] "
+            f"(paired bootstrap, {len(args.seeds)} seeds)  per seed {[round(d, 4) for d in both['diffs']]}"
+        )
+
+
+if __name__ == "__main__":
+    main()
