@@ -29,7 +29,7 @@ from mptrec.bench.profiling import profile_steps
 from mptrec.models.layers import MaskDropout
 from mptrec.pipeline import sharding
 from mptrec.pipeline.build import resolve_run_features
-from mptrec.pipeline.evaluate import evaluate
+from mptrec.pipeline.eval.evaluate import evaluate
 
 #: Largest |AUC(bf16) - AUC(fp32)| per task for bf16 to count as "AUC holds".
 AUC_TOLERANCE = 0.003

@@ -1,4 +1,4 @@
-"""Evaluation throughput: scoring + exact AUC with :func:`mptrec.pipeline.evaluate.evaluate`.
+"""Evaluation throughput: scoring + exact AUC with :func:`mptrec.pipeline.eval.evaluate.evaluate`.
 
 The model is sharded without any optimizer (as ``mptrec eval`` loads it) and scores batches held
 in memory (the loader's cost is measured in :mod:`mptrec.bench.loader`). The scored split is the
@@ -14,7 +14,7 @@ from typing import Any
 from mptrec.bench.common import PAPER, Settings, load_batches, run_config
 from mptrec.bench.harness import Stat
 from mptrec.pipeline.build import build_from_config
-from mptrec.pipeline.evaluate import evaluate
+from mptrec.pipeline.eval.evaluate import evaluate
 from mptrec.pipeline.sharding import shard_model
 
 

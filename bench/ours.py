@@ -3,12 +3,12 @@
 Stage 1 (:func:`build_stage1`): ``build_from_config`` -> ``TrainWrapper`` (with the EM label
 store) -> ``shard_model`` (DMP, fused embedding optimizer in backward, dense Adam) ->
 ``make_stepper`` (``TrainPipelineSparseDist`` when ``train.pipelined``), the same calls as
-:func:`mptrec.pipeline.stages.pretrain`; each step is ``stepper.progress(batches)``.
+:func:`mptrec.pipeline.train.pretrain.pretrain`; each step is ``stepper.progress(batches)``.
 
 Stage 2 (:func:`build_prompt`): the stage-1 model plus a new head in a ``PromptTunedModel``
 (frozen backbone: ``requires_grad`` off, eval mode, ``no_grad`` forward), sharded with no
 optimizer on the tables, Adam over the head only; the step is the one of
-:mod:`mptrec.pipeline.prompt_tune` (forward, BCE + ``r_dnn`` x the new tower's L2, backward,
+:mod:`mptrec.pipeline.tasks.tuning_loop` (forward, BCE + ``r_dnn`` x the new tower's L2, backward,
 Adam). The backbone is freshly initialised rather than loaded from a checkpoint: throughput
 does not depend on the weights' values.
 """
@@ -32,10 +32,10 @@ from mptrec.models import PromptTunedModel
 from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
-from mptrec.pipeline.em import EMLabelStore
-from mptrec.pipeline.loop import bf16_autocast, make_stepper
 from mptrec.pipeline.sharding import shard_model, unwrap_dmp
-from mptrec.pipeline.train_task import TrainWrapper
+from mptrec.pipeline.train.em import EMLabelStore
+from mptrec.pipeline.train.loop import bf16_autocast, make_stepper
+from mptrec.pipeline.train.wrapper import TrainWrapper
 
 CPU = torch.device("cpu")
 
@@ -133,7 +133,7 @@ class Prompt:
     task: str
 
     def step_on(self, batch: Batch) -> float:
-        """The step of :mod:`mptrec.pipeline.prompt_tune` on one batch; returns the loss."""
+        """The step of :mod:`mptrec.pipeline.tasks.tuning_loop` on one batch; returns the loss."""
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.dmp(batch.dense_features, batch.sparse_features)[self.task]
         return self._update(logits, batch.labels[self.task])
@@ -188,7 +188,7 @@ def build_prompt(
 def scorer(
     model: MultiTaskModel, autocast: bool = False
 ) -> Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]:
-    """``(dense, kjt) -> logits`` for :func:`mptrec.pipeline.evaluate.evaluate` (optionally bf16)."""
+    """``(dense, kjt) -> logits`` for :func:`mptrec.pipeline.eval.evaluate.evaluate` (optionally bf16)."""
 
     def score(dense: torch.Tensor, kjt: Any) -> dict[str, torch.Tensor]:
         if autocast:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from mptrec.bench.harness import Stat, jsonable, machine_info, versions, write_atomic, write_json
-from mptrec.pipeline.artifact import load_artifact
-from mptrec.pipeline.export import export_run
-from mptrec.pipeline.predict import plan_predict, predict, score_units
+from mptrec.pipeline.serve.artifact import load_artifact
+from mptrec.pipeline.serve.export import export_run
+from mptrec.pipeline.serve.predict import plan_predict, predict, score_units
 
 KINDS: tuple[str | None, ...] = (None, "int8", "fp16")
 
@@ -42,7 +42,7 @@ def serving_bench(run: str | os.PathLike[str], *, data: str | None = None, split
     The repeats are interleaved (fp32, int8, fp16, fp32, ...) so that a change in the machine's
     load hits every table type alike.
     """
-    from mptrec.pipeline.registry import load_run_config
+    from mptrec.pipeline.rundir import load_run_config
 
     torch.set_num_threads(threads)
     data_dir = data or load_run_config(run).data.path

@@ -21,7 +21,7 @@ from mptrec.bench.references import RefMPTRec, make_train_step, to_ref_batch
 from mptrec.data_loaders.batch import Batch
 from mptrec.models import count_parameters
 from mptrec.pipeline.build import resolve_run_features
-from mptrec.pipeline.loop import bf16_autocast
+from mptrec.pipeline.train.loop import bf16_autocast
 
 #: The paper's embedding L2 weight on Ali-CCP (spec section 7); the references apply it (the
 #: pipeline cannot: its tables train with a fused optimizer, so its config has r_emb = 0).

@@ -12,7 +12,7 @@ Used by the accuracy benchmark to say whether model A's AUC beats model B's by m
 * :func:`combine_seeds`: the mean AUC difference over several training seeds, with a CI from
   the seeds' bootstrap replicates averaged index-wise and one from the DeLong standard errors.
 * :func:`compare`: both tests of one seed, in the form :func:`combine_seeds` takes.
-* :func:`auc` and :func:`seed_summary`: the exact AUC (``mptrec.pipeline.auc.exact_auc``) and a
+* :func:`auc` and :func:`seed_summary`: the exact AUC (``mptrec.pipeline.eval.auc.exact_auc``) and a
   mean/std/count over seeds.
 
 Only numpy and the standard library (``math.erfc`` for p-values, ``statistics.NormalDist`` for
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from mptrec.pipeline.auc import exact_auc
+from mptrec.pipeline.eval.auc import exact_auc
 
 __all__ = ["auc", "combine_seeds", "compare", "delong", "midranks", "paired_bootstrap", "seed_summary"]
 
@@ -110,7 +110,7 @@ def _two_sided_p(diff: float, se: float) -> float:
 
 
 def auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
-    """Exact ROC-AUC, ties counted one half (``mptrec.pipeline.auc.exact_auc``, O(n log n)).
+    """Exact ROC-AUC, ties counted one half (``mptrec.pipeline.eval.auc.exact_auc``, O(n log n)).
 
     Args:
         y: shape (n,) labels in {0, 1}.

@@ -7,7 +7,7 @@ Examples::
         --dump-predictions RUN/predictions.parquet
     mptrec eval --run runs/aliccp --user-field 101 --set data.batch_size=16384
 
-The report schema is documented in :mod:`mptrec.pipeline.evaluate`; rank 0 writes it
+The report schema is documented in :mod:`mptrec.pipeline.eval.evaluate`; rank 0 writes it
 atomically. Exit codes: 0 done, 1 bad input (run, checkpoint, data, config), 2 a piece the
 evaluation needs is not built.
 """
@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec eval``."""
     from mptrec.launch.dist import init_distributed, teardown
-    from mptrec.pipeline.evaluate import EvalSetupError, evaluate_run, write_report_json
+    from mptrec.pipeline.eval.evaluate import write_report_json
+    from mptrec.pipeline.eval.evaluate_run import EvalSetupError, evaluate_run
 
     out = Path(args.out) if args.out else Path(args.run) / "eval.json"
     device, rank, world_size = init_distributed(args.device)

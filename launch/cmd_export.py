@@ -7,7 +7,7 @@ Examples::
     mptrec export --run runs/demo --out /tmp/ctr-only --tasks ctr
 
 The artifact (``model.pt2`` and ``manifest.json``) is described in
-:mod:`mptrec.pipeline.export` and read by ``mptrec predict``. One process, no process group:
+:mod:`mptrec.pipeline.serve.export` and read by ``mptrec predict``. One process, no process group:
 the run's checkpoint may have been saved by any number of processes. Exit codes: 0 written,
 1 bad input (run, checkpoint, task, output folder, data); nothing is written then.
 """
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mptrec.data_loaders.schema import DataError
     from mptrec.pipeline.checkpoint import CheckpointError
-    from mptrec.pipeline.export import export_run
+    from mptrec.pipeline.serve.export import export_run
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     try:

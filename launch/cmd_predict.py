@@ -7,7 +7,7 @@ Examples::
     torchrun --nproc_per_node 2 -m mptrec.launch.cli predict --model DIR --data SHARDS --out preds.parquet
 
 Output: one Parquet file, ``sample_id`` then ``<task>_prob`` and ``<task>_logit`` per task
-(:mod:`mptrec.pipeline.predict`). ``--nproc N`` starts N local worker processes (no process
+(:mod:`mptrec.pipeline.serve.predict`). ``--nproc N`` starts N local worker processes (no process
 group); under torchrun (``WORLD_SIZE`` > 1) the ranks share the row groups and a gloo group is
 used for two barriers only. Exit codes: 0 written, 1 bad input (artifact, shards, schema
 mismatch, format version); nothing is written then.
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec predict``."""
-    from mptrec.pipeline.artifact import ArtifactError
-    from mptrec.pipeline.predict import PredictError, predict
+    from mptrec.pipeline.serve.artifact import ArtifactError
+    from mptrec.pipeline.serve.predict import PredictError, predict
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank, barrier = 0, None

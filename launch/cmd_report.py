@@ -5,7 +5,7 @@ Example::
     mptrec report runs/census/*-s* --out runs/census/report
 
 Each run needs ``config.json`` and ``eval.json`` (``mptrec eval --run RUN``); ``tasks.json``,
-``metrics.jsonl`` and a predictions file add Table 3 and plots. Formats: :mod:`mptrec.pipeline.report`.
+``metrics.jsonl`` and a predictions file add Table 3 and plots. Formats: :mod:`mptrec.pipeline.eval.report`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``mptrec report``."""
-    from mptrec.pipeline.report import build_report
+    from mptrec.pipeline.eval.report import build_report
 
     try:
         path = build_report(args.runs, args.out)

@@ -33,15 +33,16 @@ def run(args: argparse.Namespace) -> int:
     """Run ``mptrec tasks``."""
     import json
 
-    from mptrec.pipeline.registry import RegistryError, format_table, load_registry, register_task
+    from mptrec.pipeline.rundir import RunDirError
+    from mptrec.pipeline.tasks.store import format_table, load_task_store, register_task
 
     try:
         if args.action == "list":
-            registry = load_registry(args.run)
-            print(json.dumps(registry, indent=2) if args.json else format_table(registry))
+            store = load_task_store(args.run)
+            print(json.dumps(store, indent=2) if args.json else format_table(store))
             return 0
         entry = register_task(args.run, args.task_config, args.set, checkpoint=args.checkpoint)
-    except RegistryError as e:
+    except RunDirError as e:
         print(f"mptrec tasks {args.action}: {e}", file=sys.stderr)
         return 1
     print(f"registered task {entry['name']!r} ({entry['method']}, label {entry['label']['column']}) "

@@ -1,4 +1,4 @@
-"""``mptrec train``: stage-1 multi-task pre-training (``mptrec.launch.train``), in-process or under torchrun.
+"""``mptrec train``: stage-1 pre-training (``mptrec.launch.worker_train``), in-process or under torchrun.
 
 Examples::
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 
@@ -42,8 +41,9 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 def _check_before_launch(args: argparse.Namespace) -> str:
     """The config and data checks of a run, in this process ("" when they pass)."""
     from mptrec.data_loaders.schema import DataError
-    from mptrec.pipeline.config import ConfigError, load_config
-    from mptrec.pipeline.stages import check_data
+    from mptrec.pipeline.config import load_config
+    from mptrec.pipeline.strict import ConfigError
+    from mptrec.pipeline.train.pretrain import check_data
 
     try:
         check_data(load_config(args.config, args.overrides))
@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"mptrec train: error: {problem}", file=sys.stderr)
             return 2
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={args.nproc}", "-m", "mptrec.launch.train", *_forwarded(args)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        return subprocess.call(cmd, env=env)
-    from mptrec.launch.train import main
+        from mptrec.launch import worker_train
+        from mptrec.launch.relaunch import run_module
+
+        return run_module(worker_train.__name__, _forwarded(args), args.nproc)
+    from mptrec.launch.worker_train import main
 
     return main(_forwarded(args))

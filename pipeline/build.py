@@ -26,7 +26,8 @@ from mptrec.data_loaders.layout import resolve_features
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import build_model
 from mptrec.models.base import MultiTaskModel
-from mptrec.pipeline.config import ConfigError, RunConfig
+from mptrec.pipeline.config import RunConfig
+from mptrec.pipeline.strict import ConfigError
 
 __all__ = ["build_ebc", "build_from_config", "check_labels", "embedding_bag_configs", "resolve_run_features"]
 

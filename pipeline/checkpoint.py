@@ -551,7 +551,7 @@ def load_backbone(
 ) -> dict[str, Any]:
     """Load ONLY a stage-1 backbone's weights into ``model`` (which may hold extra modules).
 
-    For the registry / prompt-tuning / evaluation stages. ``model`` may be
+    For the task store / prompt-tuning / evaluation stages. ``model`` may be
 
     - the backbone itself (``prefix=""``), unsharded (its EBC materialised on CPU/GPU, e.g.
       ``build_ebc(features, device)``) or sharded (a DMP around it, any world size / plan);

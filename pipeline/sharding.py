@@ -1,6 +1,7 @@
 """All of the distribution of a model in one place: planner, sharders, DMP, optimizers in backward.
 
-This is the only module of the project that imports ``torchrec.distributed``. It turns a
+This is the only module of the project that imports ``torchrec.distributed`` (besides the train
+pipeline, ``TrainPipelineSparseDist``, in :mod:`mptrec.pipeline.train.loop`). It turns a
 single-device module holding ``EmbeddingBagCollection`` s (built on the meta device by
 :mod:`mptrec.pipeline.build`) into a ``DistributedModelParallel`` and builds its optimizers:
 
@@ -366,7 +367,7 @@ def shard_model(
 
     Args:
         module: a module holding one or more ``EmbeddingBagCollection`` built on the meta device
-            (tables named ``t_<feature>``), e.g. a :class:`~mptrec.pipeline.train_task.TrainWrapper`.
+            (tables named ``t_<feature>``), e.g. a :class:`~mptrec.pipeline.train.wrapper.TrainWrapper`.
         features: the model's features (widths, names).
         sharding_cfg: allowed sharding types.
         train_cfg: embedding optimizer, learning rates and seed; ``None`` shards without any

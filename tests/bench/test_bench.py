@@ -155,7 +155,7 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     nt = saved["new_task"]
     assert nt["time_fraction_of_full"]["median"] > nt["time_fraction_of_full_cached_epoch"]["median"]
     assert set(saved["loader"]["training"]["end_to_end_by_workers"]) >= {"0", "2"}
-    assert "no trained run" in saved["serving"]["skipped"]  # with a run: tests/pipeline/test_export.py
+    assert "no trained run" in saved["serving"]["skipped"]  # with a run: tests/pipeline/serve/test_export.py
     points = saved["growth"]["points"]
     grid = [(p["rows"], p["vocab_scale"]) for p in points]
     assert grid == [(10_000, 1), (10_000, 10), (40_000, 1), (40_000, 10)]

@@ -32,7 +32,7 @@ from mptrec.data_loaders.layout import read_schema, verify_shard_files
 from mptrec.data_loaders.schema import CENSUS_COLUMNS, DataError, FeatureSpec, LabelSpec
 from mptrec.data_loaders.validate import validate_split
 from tests.data_loaders.test_aliccp_raw import write_raw
-from tests.pipeline.test_train_data import VOCAB, write_tiny_shards
+from tests.pipeline.train.test_train_data import VOCAB, write_tiny_shards
 
 CASES_PER_FORMAT = 300
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ from mptrec.data_loaders.layout import read_schema
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import MPTRec
 from mptrec.pipeline.build import build_ebc, build_from_config, embedding_bag_configs
-from mptrec.pipeline.config import ConfigError
-from tests.pipeline.test_train_data import debug_config, write_tiny_shards
+from mptrec.pipeline.strict import ConfigError
+from tests.pipeline.train.test_train_data import debug_config, write_tiny_shards
 
 
 def test_one_table_per_sparse_feature_named_t_feature() -> None:

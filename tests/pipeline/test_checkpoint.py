@@ -18,7 +18,7 @@ from mptrec.pipeline.checkpoint import (
     save_checkpoint,
 )
 from tests.dist import run_multiprocess
-from tests.pipeline.test_train_data import debug_config, write_tiny_shards
+from tests.pipeline.train.test_train_data import debug_config, write_tiny_shards
 
 
 class _Toy(torch.nn.Module):
@@ -64,9 +64,9 @@ def test_incompatible_checkpoint_names_both_models(tmp_path: Path) -> None:
 def _build(data: str, out: str, *overrides: str) -> tuple[Any, Any, Any, Any]:
     from mptrec.data_loaders.layout import read_schema
     from mptrec.pipeline.build import build_from_config
-    from mptrec.pipeline.em import EMLabelStore
     from mptrec.pipeline.sharding import shard_model
-    from mptrec.pipeline.train_task import TrainWrapper
+    from mptrec.pipeline.train.em import EMLabelStore
+    from mptrec.pipeline.train.wrapper import TrainWrapper
 
     cfg = debug_config(Path(data), Path(out), *overrides)
     model, features = build_from_config(cfg, read_schema(cfg.data.path))
@@ -95,7 +95,7 @@ def _predict(model: Any, batch: Any) -> list[list[float]]:
 def _train_steps(sharded: Any, data: str, features: Any, rank: int, world: int, steps: int) -> None:
     from mptrec.data_loaders.dataset import ShardDataset
     from mptrec.data_loaders.schema import LabelSpec
-    from mptrec.pipeline.loop import PlainStepper
+    from mptrec.pipeline.train.loop import PlainStepper
 
     ds = ShardDataset(data, "train", features=features, batch_size=32, rank=rank, world_size=world,
                       labels=[LabelSpec("ctr", "click"), LabelSpec("cvr", "purchase")])

@@ -5,14 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mptrec.pipeline.config import (
-    ConfigError,
-    PromptTuneConfig,
-    RunConfig,
-    load_config,
-    load_task_config,
-    write_resolved,
-)
+from mptrec.pipeline.config import PromptTuneConfig, RunConfig, load_config, load_task_config, write_resolved
+from mptrec.pipeline.strict import ConfigError
 
 GOOD = """
 name = "t"
@@ -127,7 +121,7 @@ def test_resolved_config_round_trips_as_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["model"]["expert_hidden"] == [32, 16]
     assert not list(out.parent.glob(".*tmp*"))
-    from mptrec.pipeline.config import from_dict
+    from mptrec.pipeline.strict import from_dict
 
     assert from_dict(RunConfig, data) == cfg
 

@@ -18,7 +18,7 @@ from mptrec.pipeline.sharding import (
     table_init_values,
 )
 from tests.dist import run_multiprocess
-from tests.pipeline.test_train_data import debug_config, write_tiny_shards
+from tests.pipeline.train.test_train_data import debug_config, write_tiny_shards
 
 
 def _feat(name: str, dim: int = 4, rows: int = 10) -> FeatureSpec:
@@ -102,11 +102,11 @@ def _shard_debug_model(rank: int, world_size: int, data: str, out: str,
 
 
 def _wrap(model: Any) -> Any:
-    from mptrec.pipeline.train_task import TrainWrapper
+    from mptrec.pipeline.train.wrapper import TrainWrapper
 
     store = None
     if model.uses_em:
-        from mptrec.pipeline.em import EMLabelStore
+        from mptrec.pipeline.train.em import EMLabelStore
 
         store = EMLabelStore(10, model.task_names, seed=0)
     return TrainWrapper(model, store)

@@ -1,0 +1,1 @@
+"""mptrec.pipeline.tasks: a run's tasks (store, new-task checks, union model) and stage 2, prompt tuning."""

@@ -1,0 +1,1 @@
+"""mptrec.pipeline.train: stage 1, multi-task pre-training (job, loop, EM labels, metrics log)."""
