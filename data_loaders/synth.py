@@ -56,6 +56,15 @@ AUC_ROWS = 4_000_000
 PROFILE = ("121", "122", "124", "125", "126", "127", "128", "129")
 LISTS = {"109_14": "206", "110_14": "207", "127_14": "216", "150_14": "210"}  # list field -> entity field
 ZIPF_A = {"101": 0.9, "205": 1.0, "206": 1.1, "207": 1.0, "216": 1.05, "210": 1.0}
+#: Prior scales (std of the N(0, s^2) per-id effects) of the planted logits, in draw order.
+#: ``mptrec.bench.planted_reference`` fits this form with these priors.
+CLICK_SCALES = {"121": 0.45, "122": 0.35, "124": 0.2, "125": 0.3, "126": 0.2, "127": 0.2, "128": 0.15,
+                "129": 0.2, "206": 0.6, "216": 0.3, "207": 0.2, "508": 0.45, "101": 0.25, "205": 0.25}
+BUY_SCALES = {"207": 0.5, "124": 0.4, "216": 0.4}
+T3_SCALES = {"122": 0.6, "129": 0.5, "206": 0.6, "207": 0.4, "125": 0.8}
+#: user-profile fields whose k=4 factors meet the category's (click and purchase interactions)
+USER_FACTOR_FIELDS = ("121", "122", "125")
+FACTOR_SCALE = 0.45
 F = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
@@ -126,35 +135,14 @@ class PlantedModel:
         def eff(f: str, scale: float) -> F:
             return rng.normal(0.0, scale, self.vocab[f])
 
-        self.click_eff = {
-            "121": eff("121", 0.45),
-            "122": eff("122", 0.35),
-            "124": eff("124", 0.2),
-            "125": eff("125", 0.3),
-            "126": eff("126", 0.2),
-            "127": eff("127", 0.2),
-            "128": eff("128", 0.15),
-            "129": eff("129", 0.2),
-            "206": eff("206", 0.6),
-            "216": eff("216", 0.3),
-            "207": eff("207", 0.2),
-            "508": eff("508", 0.45),
-            "101": eff("101", 0.25),
-            "205": eff("205", 0.25),
-        }
-        self.buy_eff = {"207": eff("207", 0.5), "124": eff("124", 0.4), "216": eff("216", 0.4)}
-        self.t3_eff = {
-            "122": eff("122", 0.6),
-            "129": eff("129", 0.5),
-            "206": eff("206", 0.6),
-            "207": eff("207", 0.4),
-            "125": eff("125", 0.8),
-        }
+        self.click_eff = {f: eff(f, scale) for f, scale in CLICK_SCALES.items()}
+        self.buy_eff = {f: eff(f, scale) for f, scale in BUY_SCALES.items()}
+        self.t3_eff = {f: eff(f, scale) for f, scale in T3_SCALES.items()}
         self.scenario_click = np.array([0.0, -0.25, 0.0, 0.3])  # by 301 value
         k = 4
-        self.user_factors = {f: rng.normal(0.0, 0.45, (self.vocab[f], k)) for f in ("121", "122", "125")}
-        self.cat_factors = rng.normal(0.0, 0.45, (self.vocab["206"], k))
-        self.cat_factors_buy = rng.normal(0.0, 0.45, (self.vocab["206"], k))
+        self.user_factors = {f: rng.normal(0.0, FACTOR_SCALE, (self.vocab[f], k)) for f in USER_FACTOR_FIELDS}
+        self.cat_factors = rng.normal(0.0, FACTOR_SCALE, (self.vocab["206"], k))
+        self.cat_factors_buy = rng.normal(0.0, FACTOR_SCALE, (self.vocab["206"], k))
         self.c0 = self.q0 = self.t0 = 0.0
         self.shared_mean, self.shared_std = 0.0, 1.0
         self._calibrate(np.random.default_rng([seed, 2]), click_rate, purchase_rate, scenario2_rate)
@@ -205,7 +193,7 @@ class PlantedModel:
                 rng.random(owner.size) < 0.5, self.favourite[f][owner], self._draw(entity, owner.size, rng)
             )
             cols[f] = (lens, (vals - 1) % (self.vocab[f] - 1) + 1)
-        zu = sum(self.user_factors[f][cols[f]] for f in ("121", "122", "125"))
+        zu = sum(self.user_factors[f][cols[f]] for f in USER_FACTOR_FIELDS)
         e = self.click_eff
         shared = sum(e[f][cols[f]] for f in (*PROFILE, "206", "216", "207", "508", "101", "205"))
         shared = shared + np.einsum("ij,ij->i", zu, self.cat_factors[cat])

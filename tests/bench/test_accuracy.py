@@ -59,8 +59,10 @@ def test_markdown_tables() -> None:
                       "t2_vs_mptrec": {"mmoe": {"income": ci, "marital": ci}},
                       "t3_vs_mptrec": {"scratch": ci}},
            "aliccp": {"1000000": {"train_rows": 800000, "tasks": {
-               "ctr": {"test_auc": 0.76, "gap": 0.05, "bayes_auc": 0.81, "inputs_auc": 0.80}}}}}
+               "ctr": {"test_auc": 0.76, "gap": 0.05, "bayes_auc": 0.81, "inputs_auc": 0.80}},
+               "planted_reference": {"ctr": {"test_auc": 0.79, "gap": 0.02}}}}}
     text = markdown(res)
     assert "| mmoe | 0.9400 ± 0.0010 | +0.0010 [-0.0020, +0.0040] |" in text
     assert "| scratch | 0.9400 ± 0.0010 | +0.0010 [-0.0020, +0.0040] |" in text
     assert "| 1,000,000 | 800,000 | 0.7600 (+0.0500) | - | - |" in text
+    assert "| ↳ planted form, fitted (what the rows allow) | | 0.7900 (+0.0200) | - | - |" in text
