@@ -53,12 +53,10 @@ TASKS = (("ctr", "click"), ("cvr", "purchase"), ("scenario", "301"))
 Split = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def load_split(data: Path, split: str) -> Split:
+def load_split(data: Path, schema: dict[str, Any], split: str) -> Split:
     """Id columns and the three labels of one split (``301`` as the T3 label ``301 != 2``)."""
-    schema = json.loads((data / "schema.json").read_text())
     files = [str(data / f) for f in schema["splits"][split]["files"]]
-    table = pq.read_table(files[0], columns=[*COLUMNS, "click", "purchase", "301"]) if len(files) == 1 \
-        else pq.ParquetDataset(files).read(columns=[*COLUMNS, "click", "purchase", "301"])
+    table = pq.ParquetDataset(files).read(columns=[*COLUMNS, "click", "purchase", "301"])
     ids = {c: torch.from_numpy(table.column(c).to_numpy().astype(np.int64)) for c in COLUMNS}
     labels = {"click": table.column("click").to_numpy().astype(np.float32),
               "purchase": table.column("purchase").to_numpy().astype(np.float32),
@@ -142,7 +140,7 @@ def fit(data: Path, *, epochs: int = 40, lr: float = 0.02, batch_size: int = 655
     torch.manual_seed(seed)
     schema = json.loads((data / "schema.json").read_text())
     vocab = {f["name"]: int(f["num_embeddings"]) for f in schema["features"] if f["kind"] == "sparse"}
-    train, valid, test = (load_split(data, s) for s in ("train", "valid", "test"))
+    train, valid, test = (load_split(data, schema, s) for s in ("train", "valid", "test"))
     n = len(train[1]["click"])
     model = PlantedForm(vocab)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
