@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,10 @@ class MultiTaskModel(nn.Module, abc.ABC):
 
     #: True when the model trains a task classifier on EM labels (MPT-Rec with GAN).
     uses_em: bool = False
+    #: The new-task methods (a task config's ``method``) whose heads fit this model: declared
+    #: here once per model class; everything else derives from ``MODELS``
+    #: (:func:`mptrec.models.registry.new_task_methods`).
+    new_task_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -255,10 +260,16 @@ class MultiTaskModel(nn.Module, abc.ABC):
         """Set the gradient-reversal strength (no-op for models without a GRL)."""
 
     @abc.abstractmethod
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> NewTaskHead:
-        """A trainable head for a new task on top of this (frozen) model's features."""
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> NewTaskHead:
+        """A trainable head for a new task on top of this (frozen) model's features.
 
-    def _check_new_task(self, name: str, method: str, methods: Sequence[str]) -> None:
+        ``method`` is one of :attr:`new_task_methods`; ``tower_hidden`` None: the base towers' sizes.
+        """
+
+    def _check_new_task(self, name: str, method: str, tower_hidden: Sequence[int] | None,
+                        base_tower: Sequence[int]) -> tuple[int, ...]:
+        """Check ``name`` and ``method``; return the new tower's sizes (None: ``base_tower``)."""
+        methods = self.new_task_methods
         if method not in methods:
             raise ValueError(
                 f"new-task method {method!r} does not apply to model {type(self).__name__}; "
@@ -267,6 +278,7 @@ class MultiTaskModel(nn.Module, abc.ABC):
         if name in self.task_names or name in RESERVED_LOSS_KEYS or not name:
             raise ValueError(f"new task name {name!r} is empty, reserved or already a task of the model "
                              f"({self.task_names})")
+        return tuple(base_tower if tower_hidden is None else tower_hidden)
 
 
 class NewTaskHead(nn.Module, abc.ABC):

@@ -83,6 +83,8 @@ class SingleTask(_Baseline):
         torch.Size([2])
     """
 
+    new_task_methods = ("single_task",)
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -112,12 +114,12 @@ class SingleTask(_Baseline):
         """Half squared norms of the expert and tower weight matrices."""
         return self.experts.weight_l2() + self.towers.weight_l2()
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> SingleTaskHead:
+    def new_task_head(self, name: str, method: str,
+                      tower_hidden: Sequence[int] | None = None) -> SingleTaskHead:
         """``single_task``: a fresh expert + tower on the frozen input vector e (embeddings frozen)."""
-        self._check_new_task(name, method, ("single_task",))
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
         return SingleTaskHead(name, method, input_dim=self.input_dim, expert_hidden=self.cfg.expert_hidden,
-                              expert_dropout=self.cfg.expert_dropout,
-                              tower_hidden=tuple(tower_hidden) or self.cfg.tower_hidden)
+                              expert_dropout=self.cfg.expert_dropout, tower_hidden=tower)
 
 
 class SharedBottom(_Baseline):
@@ -145,6 +147,8 @@ class SharedBottom(_Baseline):
         >>> model(torch.zeros(2, 1), kjt)["ctr"].shape
         torch.Size([2])
     """
+
+    new_task_methods = ("shared_bottom*",)
 
     def __init__(
         self,
@@ -175,11 +179,10 @@ class SharedBottom(_Baseline):
         """Half squared norms of the bottom and tower weight matrices."""
         return self.bottom.weight_l2() + self.towers.weight_l2()
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> TowerHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> TowerHead:
         """``shared_bottom*``: a new tower only, on the frozen bottom output."""
-        self._check_new_task(name, method, ("shared_bottom*",))
-        return TowerHead(name, method, hidden_dim=self.hidden_dim,
-                         tower_hidden=tuple(tower_hidden) or self.cfg.tower_hidden)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
+        return TowerHead(name, method, hidden_dim=self.hidden_dim, tower_hidden=tower)
 
 
 class MMoE(_Baseline):
@@ -207,6 +210,8 @@ class MMoE(_Baseline):
         >>> model.features(torch.zeros(2, 1), kjt)["experts"].shape
         torch.Size([2, 3, 8])
     """
+
+    new_task_methods = ("mmoe*",)
 
     def __init__(
         self,
@@ -241,11 +246,11 @@ class MMoE(_Baseline):
         """Half squared norms of the expert and tower weight matrices (gates excluded)."""
         return self.experts.weight_l2() + self.towers.weight_l2()
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> MMoEHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> MMoEHead:
         """``mmoe*``: a new gate and a new tower over the frozen experts."""
-        self._check_new_task(name, method, ("mmoe*",))
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
         return MMoEHead(name, method, input_dim=self.input_dim, num_experts=self.num_experts,
-                        hidden_dim=self.hidden_dim, tower_hidden=tuple(tower_hidden) or self.cfg.tower_hidden)
+                        hidden_dim=self.hidden_dim, tower_hidden=tower)
 
 
 class TowerHead(NewTaskHead):

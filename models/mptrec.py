@@ -22,13 +22,12 @@ from mptrec.models.base import ModelOutput, MultiTaskModel, NewTaskHead
 from mptrec.models.config import ModelConfig
 from mptrec.models.layers import StackedMLP, grad_reverse
 
-__all__ = ["MPTREC_METHODS", "MPTRec", "MPTRecNewTaskHead"]
+__all__ = ["MPTRec", "MPTRecNewTaskHead"]
 
 # fx patches the name in the module that calls wrap(): a traced forward_train keeps the GRL
 # as one opaque call instead of tracing into autograd.Function.apply.
 torch.fx.wrap("grad_reverse")
 
-MPTREC_METHODS = ("mptrec", "mptrec_res", "fw", "tes")
 #: rank of the residual path e -> (D_in x r) -> (r x H) -> tower input of the ``*_res`` heads
 RESIDUAL_RANKS = {"mptrec_res": 8}
 _VARIANTS = ("full", "share", "specific", "no_gan")
@@ -73,6 +72,8 @@ class MPTRec(MultiTaskModel):
         >>> model.new_task_head("t3", "mptrec")(model.features(torch.rand(3, 2), kjt)).shape
         torch.Size([3])
     """
+
+    new_task_methods = ("mptrec", "mptrec_res", "fw", "tes")
 
     def __init__(
         self,
@@ -242,21 +243,22 @@ class MPTRec(MultiTaskModel):
             raise ValueError(f"grl alpha must be >= 0, got {alpha}")
         self.grl_alpha = float(alpha)
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> MPTRecNewTaskHead:
+    def new_task_head(self, name: str, method: str,
+                      tower_hidden: Sequence[int] | None = None) -> MPTRecNewTaskHead:
         """The stage-2 module for task ``name`` (spec 3.3; ``fw``/``tes`` ablations of Eq. 10-11).
 
         Args:
             name: the new task.
-            method: ``mptrec``, ``fw`` or ``tes``.
-            tower_hidden: new tower sizes (empty: the base towers' sizes).
+            method: one of :attr:`new_task_methods`.
+            tower_hidden: new tower sizes (None: the base towers' sizes).
 
         Returns:
             A fresh :class:`MPTRecNewTaskHead`.
         """
-        self._check_new_task(name, method, MPTREC_METHODS)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
         return MPTRecNewTaskHead(
             name, method, input_dim=self.input_dim, hidden_dim=self.hidden_dim, num_tasks=self.num_tasks,
-            tower_hidden=tuple(tower_hidden) or self.cfg.tower_hidden, tau=self.cfg.tau,
+            tower_hidden=tower, tau=self.cfg.tau,
         )
 
 
@@ -310,8 +312,9 @@ class MPTRecNewTaskHead(NewTaskHead):
         tau: float,
     ) -> None:
         super().__init__(task_name, method)
-        if method not in MPTREC_METHODS:
-            raise ValueError(f"unknown MPT-Rec new-task method {method!r}; expected one of {MPTREC_METHODS}")
+        if method not in MPTRec.new_task_methods:
+            raise ValueError(f"unknown MPT-Rec new-task method {method!r}; "
+                             f"expected one of {MPTRec.new_task_methods}")
         if tau <= 0 or num_tasks < 1:
             raise ValueError(f"need tau > 0 and num_tasks >= 1, got {tau}, {num_tasks}")
         self.tau: float = float(tau)

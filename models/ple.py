@@ -59,6 +59,8 @@ class PLE(MultiTaskModel):
         torch.Size([2, 2, 1, 8])
     """
 
+    new_task_methods = ("ple*",)
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -146,13 +148,13 @@ class PLE(MultiTaskModel):
             total = total + _at(self.shared_experts, level).weight_l2()
         return total
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] = ()) -> PLEHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> PLEHead:
         """``ple*``: new task-specific experts and gates at every level and a new tower."""
-        self._check_new_task(name, method, ("ple*",))
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
         return PLEHead(name, method, input_dim=self.input_dim, num_levels=self.num_levels,
                        num_specific=self.num_specific, num_shared=self.num_shared,
                        expert_hidden=self.cfg.ple_expert_hidden, expert_dropout=self.cfg.ple_expert_dropout,
-                       tower_hidden=tuple(tower_hidden) or self.cfg.tower_hidden)
+                       tower_hidden=tower)
 
 
 class PLEHead(NewTaskHead):

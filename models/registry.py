@@ -1,4 +1,14 @@
-"""The model registry: an explicit dict filled by :func:`register_model` (duplicates raise)."""
+"""The model registry: an explicit dict filled by :func:`register_model` (duplicates raise).
+
+Which new-task methods fit which model is declared once, as ``new_task_methods`` on each model
+class; :func:`new_task_methods` and :func:`all_new_task_methods` read it from :data:`MODELS`.
+
+Example:
+    >>> new_task_methods("mptrec")
+    ('mptrec', 'mptrec_res', 'fw', 'tes')
+    >>> "ple*" in all_new_task_methods(), new_task_methods("nope")
+    (True, ())
+"""
 
 from __future__ import annotations
 
@@ -14,11 +24,24 @@ from mptrec.models.config import ModelConfig
 from mptrec.models.mptrec import MPTRec
 from mptrec.models.ple import PLE
 
-__all__ = ["MODELS", "ModelBuilder", "build_model", "register_model"]
+__all__ = [
+    "MODELS",
+    "ModelBuilder",
+    "all_new_task_methods",
+    "build_model",
+    "new_task_methods",
+    "register_model",
+]
 
 
 class ModelBuilder(Protocol):
-    """Builds a model from its config and the (possibly meta-device) EBC."""
+    """Builds a model from its config and the (possibly meta-device) EBC (a model class is one).
+
+    ``new_task_methods``: the new-task methods whose heads fit the models it builds
+    (:attr:`MultiTaskModel.new_task_methods`).
+    """
+
+    new_task_methods: tuple[str, ...]
 
     def __call__(
         self,
@@ -88,6 +111,17 @@ def build_model(
         raise ValueError(f"model.name = {cfg.name!r} is not registered; known: {sorted(MODELS)}")
     return MODELS[cfg.name](cfg, ebc, sparse_features=sparse_features, dense_dim=dense_dim,
                             task_names=task_names, task_weights=task_weights)
+
+
+def new_task_methods(model_name: str) -> tuple[str, ...]:
+    """The new-task methods that fit a base model of registered name ``model_name`` (none if unknown)."""
+    builder = MODELS.get(model_name)
+    return tuple(builder.new_task_methods) if builder is not None else ()
+
+
+def all_new_task_methods() -> tuple[str, ...]:
+    """Every new-task method of any registered model, in registration order, each once."""
+    return tuple(dict.fromkeys(m for builder in MODELS.values() for m in builder.new_task_methods))
 
 
 register_model("mptrec", MPTRec)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from mptrec.data_loaders.schema import FeatureSpec, LabelSpec, OovPolicy
 from mptrec.io import atomic_write_json
 from mptrec.models.config import ModelConfig
+from mptrec.models.registry import all_new_task_methods
 from mptrec.pipeline.strict import (
     apply_overrides,
     from_dict,
@@ -282,11 +283,6 @@ class RunConfig:
         return [t.name for t in self.tasks]
 
 
-PromptMethod = Literal[
-    "mptrec", "mptrec_res", "fw", "tes", "shared_bottom*", "mmoe*", "ple*", "single_task"
-]
-
-
 @dataclass(frozen=True)
 class PromptTuneConfig:
     """A new business task, declared in ``configs/tasks/<name>.toml`` and trained in stage 2.
@@ -299,7 +295,9 @@ class PromptTuneConfig:
         method: ``mptrec`` (prompt tuning, spec 3.3), ``mptrec_res`` (``mptrec`` plus a rank-8
             linear residual path from ``e`` into the new tower's input, beyond the paper),
             ``fw`` / ``tes`` (transfer-weight ablations), or the baselines' fine-tuning
-            forms ``shared_bottom*``, ``mmoe*``, ``ple*`` (must match the base model).
+            forms ``shared_bottom*``, ``mmoe*``, ``ple*``: one of the ``new_task_methods`` a
+            model class of ``mptrec.models.MODELS`` declares (and registration checks it is one
+            of the base model's).
         exclude_features: features that must not be inputs for this task (spec section 6);
             registration checks the base model does not use them.
         tower_hidden: new tower sizes (empty: same as the base model's towers).
@@ -319,7 +317,7 @@ class PromptTuneConfig:
     label: str
     positive_values: tuple[int, ...] = ()
     description: str = ""
-    method: PromptMethod = "mptrec"
+    method: str = "mptrec"
     exclude_features: tuple[str, ...] = ()
     tower_hidden: tuple[int, ...] = ()
     lr: float = 1e-3
@@ -333,6 +331,9 @@ class PromptTuneConfig:
 
     def __post_init__(self) -> None:
         TaskSpec(name=self.name, label=self.label)  # same name rules
+        if self.method not in all_new_task_methods():
+            raise ValueError(f"method {self.method!r} is not a new-task method of any model; "
+                             f"known: {', '.join(all_new_task_methods())}")
         require_positive(self, "lr", "epochs")
         require_non_negative(self, "patience", "batch_size", "max_steps", "feature_cache_mib")
 

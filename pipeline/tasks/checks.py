@@ -8,9 +8,8 @@ and the base checkpoint still has the hash recorded in the task store.
 has its recorded content hash. Every failure is a :class:`~mptrec.pipeline.rundir.RunDirError`
 naming the task config, the task, the key and the value.
 
-Example:
-    >>> compatible_methods("mptrec")
-    ['mptrec', 'fw', 'mptrec_res', 'tes']
+Which methods fit which base model is declared on the model classes (``new_task_methods``) and
+read through :func:`mptrec.models.registry.new_task_methods`.
 """
 
 from __future__ import annotations
@@ -20,31 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mptrec.models.registry import new_task_methods
 from mptrec.pipeline.config import PromptTuneConfig, RunConfig
 from mptrec.pipeline.rundir import RunDirError, hash_checkpoint, load_run_config, resolve_path
 from mptrec.pipeline.strict import ConfigError
 
 __all__ = [
     "check_base_unchanged",
-    "compatible_methods",
     "validate_new_task",
 ]
-
-_METHOD_BASE = {
-    "mptrec": "mptrec",
-    "fw": "mptrec",
-    "mptrec_res": "mptrec",
-    "tes": "mptrec",
-    "shared_bottom*": "shared_bottom",
-    "mmoe*": "mmoe",
-    "ple*": "ple",
-    "single_task": "single_task",
-}
-
-
-def compatible_methods(model_name: str) -> list[str]:
-    """New-task methods that fit a base model of registered name ``model_name``."""
-    return [m for m, base in _METHOD_BASE.items() if base == model_name]
 
 
 def _check_label(cfg: PromptTuneConfig, schema: Mapping[str, Any], where: str) -> None:
@@ -117,10 +100,10 @@ def validate_new_task(run_dir: str | os.PathLike[str], cfg: PromptTuneConfig,
         role = store["tasks"][cfg.name]["role"]
         raise RunDirError(f"{where}: name {cfg.name!r} is taken by a {role} task of run {run_dir}")
     base_model = run_cfg.model.name
-    if _METHOD_BASE.get(cfg.method) != base_model:
+    if cfg.method not in new_task_methods(base_model):
         raise RunDirError(
             f"{where}: method {cfg.method!r} does not fit base model {base_model!r} "
-            f"(methods for it: {compatible_methods(base_model) or 'none'})"
+            f"(methods for it: {list(new_task_methods(base_model)) or 'none'})"
         )
     try:
         schema = read_schema(run_cfg.data.path)

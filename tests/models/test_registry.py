@@ -64,3 +64,14 @@ def test_build_model_errors() -> None:
     with pytest.raises(ValueError, match="applies to the mptrec model only"):
         build_model(tiny_config("mmoe", variant="no_gan"), tiny_ebc(), sparse_features=SPARSE,
                     dense_dim=DENSE_DIM, task_names=TASKS)
+
+
+def test_new_task_methods_come_from_the_model_classes() -> None:
+    from mptrec.models.registry import all_new_task_methods, new_task_methods
+
+    assert new_task_methods("mptrec") == MPTRec.new_task_methods == ("mptrec", "mptrec_res", "fw", "tes")
+    assert {m: new_task_methods(m) for m in ("single_task", "shared_bottom", "mmoe", "ple")} == {
+        "single_task": ("single_task",), "shared_bottom": ("shared_bottom*",), "mmoe": ("mmoe*",),
+        "ple": ("ple*",)}
+    assert new_task_methods("dlrm") == ()
+    assert set(all_new_task_methods()) == {m for cls in MODELS.values() for m in cls.new_task_methods}
