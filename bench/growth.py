@@ -71,9 +71,9 @@ def _point_worker(s: Settings, rows: int, scale: int, steps: int, queue: Any) ->
         from dataclasses import replace
 
         from mptrec.bench.ours import build_stage1
-        from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
+        from mptrec.data_loaders.dataset import make_dataloader
         from mptrec.data_loaders.layout import read_schema
-        from mptrec.pipeline.build import resolve_run_features
+        from mptrec.pipeline.build import make_dataset, resolve_run_features
 
         logging.getLogger("torchrec").setLevel(logging.ERROR)
         torch.set_num_threads(s.threads)
@@ -84,16 +84,9 @@ def _point_worker(s: Settings, rows: int, scale: int, steps: int, queue: Any) ->
             features = resolve_run_features(cfg, schema)
             trainer = build_stage1(cfg, schema, group=group)
             built = rss.peak
-            dataset = ShardDataset(
-                sized.data_dir,
-                cfg.data.train_split,
-                features=features,
-                labels=[t.label_spec() for t in cfg.tasks],
-                batch_size=PAPER.batch_size,
-                shuffle=cfg.data.shuffle,
-                seed=cfg.train.seed,
-                drop_last=True,
-            )
+            labels = [t.label_spec() for t in cfg.tasks]
+            dataset = make_dataset(cfg.data, cfg.data.train_split, features, labels, shuffle=True,
+                                   seed=cfg.train.seed, batch_size=PAPER.batch_size, drop_last=True)
             batches = iter(make_dataloader(dataset, cfg.data.num_workers))
             trainer.run(itertools.islice(batches, max(10, 3 * s.warmup)))  # the pipeline fills up
             t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from mptrec.bench.common import PAPER, Settings, load_batches, run_config
 from mptrec.bench.harness import Stat, Variant, repeat_timed, throughput
 from mptrec.bench.ours import build_stage1
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
-from mptrec.pipeline.build import resolve_run_features
+from mptrec.pipeline.build import make_dataset, resolve_run_features
 
 
 def loader_vs_bare(s: Settings, num_workers: int) -> dict[str, Any]:
@@ -56,16 +56,8 @@ def training_bottleneck(s: Settings, schema: dict[str, Any], group: Any) -> dict
     workers = cfg.data.num_workers
 
     def dataset() -> ShardDataset:
-        return ShardDataset(
-            s.data_dir,
-            cfg.data.train_split,
-            features=features,
-            labels=labels,
-            batch_size=PAPER.batch_size,
-            shuffle=cfg.data.shuffle,
-            seed=cfg.train.seed,
-            drop_last=True,
-        )
+        return make_dataset(cfg.data, cfg.data.train_split, features, labels, shuffle=True,
+                            seed=cfg.train.seed, batch_size=PAPER.batch_size, drop_last=True)
 
     rows = dataset().num_rows // PAPER.batch_size * PAPER.batch_size
 

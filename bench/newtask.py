@@ -60,7 +60,7 @@ from mptrec.data_loaders.layout import read_schema
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import count_parameters
 from mptrec.pipeline.build import resolve_run_features
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig
+from mptrec.pipeline.config import NewTaskSpec, RunConfig
 
 MIB = 1024.0 * 1024.0
 
@@ -304,7 +304,7 @@ def new_task(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
         epoch_s[k].values for k in ("prompt_tune", "full_retrain", "paper_prompt", "prompt_tune_cached")
     )
     fill = variants["prompt_tune_cached"]["cache_fill_s"].median
-    job_epochs = PromptTuneConfig.__dataclass_fields__["epochs"].default
+    job_epochs = NewTaskSpec.__dataclass_fields__["epochs"].default
     return {
         "rows_per_epoch": rows,
         "batch_size": batch,

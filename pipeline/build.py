@@ -1,8 +1,11 @@
-"""Config -> modules: feature specs to ``EmbeddingBagConfig`` s, the EBC on meta, the model.
+"""Config -> modules: input features, label check, datasets, ``EmbeddingBagConfig`` s, EBC, model.
 
-The only place where configs become modules (style guide, rule 3). One table per sparse
-feature, named ``t_<feature>`` with ``feature_names=[feature]``; multi-valued features pool
-with the spec's pooling (``mean`` for list fields, ``sum`` otherwise).
+The only place where configs become modules and datasets (style guide, rule 3): the run's input
+features (:func:`resolve_run_features`), the one label check (:func:`check_label`, for the
+stage-1 tasks and for a new task), the one :class:`ShardDataset` factory (:func:`make_dataset`).
+
+One table per sparse feature, named ``t_<feature>`` with ``feature_names=[feature]``;
+multi-valued features pool with the spec's pooling (``mean`` for list fields, ``sum`` otherwise).
 
 Initialisation: each table's ``init_fn`` is ``torch.nn.init.normal_`` (N(0, 1), spec Eq. 1),
 which is what an unsharded EBC built on a real device uses. On the meta device nothing is
@@ -16,20 +19,30 @@ The dense layers are built under ``torch.manual_seed(train.seed)``: the same on 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from mptrec.data_loaders.layout import resolve_features
-from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.data_loaders.schema import FeatureSpec, LabelSpec
 from mptrec.models import build_model
 from mptrec.models.base import MultiTaskModel
-from mptrec.pipeline.config import RunConfig
+from mptrec.pipeline.config import DataConfig, RunConfig, TaskSpec
 from mptrec.pipeline.strict import ConfigError
 
-__all__ = ["build_ebc", "build_from_config", "check_labels", "embedding_bag_configs", "resolve_run_features"]
+if TYPE_CHECKING:
+    from mptrec.data_loaders.dataset import ShardDataset
+
+__all__ = [
+    "build_ebc",
+    "build_from_config",
+    "check_label",
+    "embedding_bag_configs",
+    "make_dataset",
+    "resolve_run_features",
+]
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
@@ -90,27 +103,60 @@ def resolve_run_features(cfg: RunConfig, schema: Mapping[str, Any]) -> list[Feat
     return features
 
 
-def check_labels(cfg: RunConfig, schema: Mapping[str, Any]) -> None:
-    """Every task's label column exists in the shards (and its positive values are declared).
+def check_label(task: TaskSpec, schema: Mapping[str, Any], data_path: str) -> None:
+    """A task's label column exists in the shards' schema and gives a binary label.
+
+    The one label check, for the stage-1 tasks (:func:`build_from_config`) and for a new task
+    (``mptrec tasks register``): the column is a label column of ``schema.json``; every
+    ``positive_values`` entry occurs in it; without ``positive_values`` its values are 0/1.
 
     Raises:
-        ConfigError: naming the task, the column and the columns available.
+        ConfigError: naming the task, the column and the columns or values available.
     """
     labels = schema.get("labels", {})
-    for t in cfg.tasks:
-        if t.label not in labels:
-            raise ConfigError(
-                f"task {t.name!r}: label column {t.label!r} is not in {cfg.data.path}/schema.json "
-                f"(label columns: {sorted(labels)})"
-            )
-        values = labels[t.label].get("values", []) if isinstance(labels[t.label], Mapping) else []
-        bad = [v for v in t.positive_values if v not in values]
-        if bad:
-            raise ConfigError(f"task {t.name!r}: positive_values {bad} never occur in column {t.label!r} "
-                              f"(values: {values})")
-        if not t.positive_values and sorted(values) != [0, 1] and values:
-            raise ConfigError(f"task {t.name!r}: column {t.label!r} holds values {values}; give "
-                              "positive_values to binarise it")
+    where = f"task {task.name!r}"
+    if task.label not in labels:
+        raise ConfigError(f"{where}: label column {task.label!r} is not in {data_path}/schema.json "
+                          f"(label columns: {sorted(labels)})")
+    values = labels[task.label].get("values") if isinstance(labels[task.label], Mapping) else None
+    if not values:  # read_schema refuses this; a hand-made schema may lack them
+        return
+    bad = [v for v in task.positive_values if v not in values]
+    if bad:
+        raise ConfigError(f"{where}: positive_values {bad} never occur in column {task.label!r} "
+                          f"(values: {values})")
+    if not task.positive_values and not set(values) <= {0, 1}:
+        raise ConfigError(f"{where}: column {task.label!r} holds values {values}; set "
+                          "positive_values to binarise it")
+
+
+def make_dataset(data: DataConfig, split: str, features: Sequence[FeatureSpec], labels: Sequence[LabelSpec],
+                 *, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0,
+                 batch_size: int | None = None, drop_last: bool = False) -> ShardDataset:
+    """The :class:`ShardDataset` of a split as the config ``[data]`` reads it (the one factory).
+
+    Args:
+        data: the run's ``[data]`` (path, batch size, shuffling, OOV policy, error policy, rows).
+        split: the split.
+        features: input features.
+        labels: the labels to read.
+        rank: this process's rank.
+        world_size: the number of ranks.
+        shuffle: shuffle this split when the config shuffles (``data.shuffle``), with its
+            ``shuffle_buffer``.
+        seed: shuffling seed.
+        batch_size: rows per batch (None: ``data.batch_size``).
+        drop_last: drop each reader's last incomplete batch.
+    """
+    from mptrec.data_loaders.dataset import ShardDataset
+
+    shuffle = shuffle and data.shuffle
+    return ShardDataset(data.path, split, features=features, labels=labels,
+                        batch_size=data.batch_size if batch_size is None else batch_size, rank=rank,
+                        world_size=world_size, shuffle=shuffle,
+                        shuffle_buffer=data.shuffle_buffer if shuffle else 0, seed=seed,
+                        oov_policy=data.oov_policy, on_error=data.on_error, max_rows=data.max_rows,
+                        drop_last=drop_last)
 
 
 def build_from_config(cfg: RunConfig, schema: Mapping[str, Any],
@@ -125,7 +171,8 @@ def build_from_config(cfg: RunConfig, schema: Mapping[str, Any],
     Returns:
         (model, features): the ``MultiTaskModel`` and its input features (dense first).
     """
-    check_labels(cfg, schema)
+    for task in cfg.tasks:
+        check_label(task, schema, cfg.data.path)
     features = resolve_run_features(cfg, schema)
     sparse = [f.name for f in features if f.kind == "sparse"]
     dense_dim = sum(f.kind == "dense" for f in features)

@@ -1,7 +1,7 @@
 """Strict TOML configuration: frozen dataclasses, typed, with errors that name file, key and value.
 
 A run config (``configs/*.toml``) loads into :class:`RunConfig`; a new-task config
-(``configs/tasks/*.toml``) loads into :class:`PromptTuneConfig`. Loading is strict
+(``configs/tasks/*.toml``) loads into :class:`NewTaskSpec`. Loading is strict
 (:mod:`mptrec.pipeline.strict`): an unknown key, a wrong type or an impossible value raises
 :class:`~mptrec.pipeline.strict.ConfigError` naming the file, the dotted key and the value.
 ``--set a.b=c`` overrides are applied before validation, with TOML syntax for the value
@@ -39,7 +39,8 @@ __all__ = [
     "FeatureSpec",
     "FeaturesConfig",
     "ModelConfig",
-    "PromptTuneConfig",
+    "NewTaskSettings",
+    "NewTaskSpec",
     "RunConfig",
     "ShardingConfig",
     "TableConstraint",
@@ -284,8 +285,25 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class PromptTuneConfig:
+class NewTaskSettings:
+    """A new task's settings that may be inherited from the base run, with nothing left to inherit.
+
+    Made only by :meth:`NewTaskSpec.resolve`.
+    """
+
+    tower_hidden: tuple[int, ...]
+    batch_size: int
+    r_dnn: float
+
+
+@dataclass(frozen=True)
+class NewTaskSpec:
     """A new business task, declared in ``configs/tasks/<name>.toml`` and trained in stage 2.
+
+    ``None`` (the key left out) means "the base run's value"; :meth:`resolve` is the one place
+    that fills it in. Values that meant the same in earlier versions (``tower_hidden = []``,
+    ``batch_size = 0``, a negative ``r_dnn``, as ``task.json`` files of existing runs and
+    ``configs/tasks/*.toml`` hold them) load as ``None``.
 
     Args:
         name: task name (lower_snake, not taken by the base run).
@@ -300,17 +318,23 @@ class PromptTuneConfig:
             of the base model's).
         exclude_features: features that must not be inputs for this task (spec section 6);
             registration checks the base model does not use them.
-        tower_hidden: new tower sizes (empty: same as the base model's towers).
+        tower_hidden: new tower sizes (None: the base model's towers).
         lr: Adam learning rate of the new parameters.
         epochs: maximum epochs.
         patience: early-stopping patience on the new task's validation AUC.
-        batch_size: rows per batch (0: the base run's).
+        batch_size: rows per batch (None: the base run's).
         seed: seed of the new parameters and shuffling.
         max_steps: stop after this many steps (0: no limit).
-        r_dnn: L2 weight on the new tower's weight matrices (Eq. 15; negative: the base run's).
+        r_dnn: L2 weight on the new tower's weight matrices (Eq. 15; None: the base run's).
         feature_cache_mib: the frozen backbone's features of the train and validation rows are
             computed once and kept in memory (exactly what every epoch would recompute) when they
             fit in this many MiB per process; 0: recompute them every epoch.
+
+    Example:
+        >>> run = load_config("configs/debug.toml")
+        >>> spec = NewTaskSpec(name="t3", label="c", batch_size=0, r_dnn=-1.0)  # earlier "inherit"
+        >>> spec.batch_size, spec.r_dnn, spec.resolve(run).batch_size == run.data.batch_size
+        (None, None, True)
     """
 
     name: str
@@ -319,14 +343,14 @@ class PromptTuneConfig:
     description: str = ""
     method: str = "mptrec"
     exclude_features: tuple[str, ...] = ()
-    tower_hidden: tuple[int, ...] = ()
+    tower_hidden: tuple[int, ...] | None = None
     lr: float = 1e-3
     epochs: int = 10
     patience: int = 5
-    batch_size: int = 0
+    batch_size: int | None = None
     seed: int = 2024
     max_steps: int = 0
-    r_dnn: float = -1.0
+    r_dnn: float | None = None
     feature_cache_mib: int = 4096
 
     def __post_init__(self) -> None:
@@ -334,12 +358,24 @@ class PromptTuneConfig:
         if self.method not in all_new_task_methods():
             raise ValueError(f"method {self.method!r} is not a new-task method of any model; "
                              f"known: {', '.join(all_new_task_methods())}")
-        require_positive(self, "lr", "epochs")
-        require_non_negative(self, "patience", "batch_size", "max_steps", "feature_cache_mib")
+        for key, legacy in (("tower_hidden", self.tower_hidden == ()), ("batch_size", self.batch_size == 0),
+                            ("r_dnn", self.r_dnn is not None and self.r_dnn < 0)):
+            if legacy:  # the earlier spelling of "inherit"
+                object.__setattr__(self, key, None)
+        require_positive(self, "lr", "epochs", *(["batch_size"] if self.batch_size is not None else []))
+        require_non_negative(self, "patience", "max_steps", "feature_cache_mib")
 
     def task_spec(self) -> TaskSpec:
         """The task as a :class:`TaskSpec`."""
         return TaskSpec(name=self.name, label=self.label, positive_values=self.positive_values)
+
+    def resolve(self, run_cfg: RunConfig) -> NewTaskSettings:
+        """The inherited settings: each ``None`` replaced by the base run's value."""
+        return NewTaskSettings(
+            tower_hidden=run_cfg.model.tower_hidden if self.tower_hidden is None else self.tower_hidden,
+            batch_size=run_cfg.data.batch_size if self.batch_size is None else self.batch_size,
+            r_dnn=run_cfg.model.r_dnn if self.r_dnn is None else self.r_dnn,
+        )
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
@@ -348,10 +384,10 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
     return from_dict(RunConfig, data, source=str(path))
 
 
-def load_task_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> PromptTuneConfig:
+def load_task_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> NewTaskSpec:
     """Load a new-task config (``configs/tasks/*.toml``) strictly."""
     data = apply_overrides(read_toml(path), overrides, str(path))
-    return from_dict(PromptTuneConfig, data, source=str(path))
+    return from_dict(NewTaskSpec, data, source=str(path))
 
 
 def write_resolved(cfg: Any, path: str | os.PathLike[str]) -> None:

@@ -37,7 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import count_parameters, forward_flops_per_sample
 from mptrec.models.base import MultiTaskModel
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig
+from mptrec.pipeline.config import NewTaskSpec, RunConfig
 
 __all__ = [
     "EpochClock",
@@ -181,7 +181,7 @@ def feature_bytes_per_row(run_cfg: RunConfig, features: Sequence[FeatureSpec]) -
                if v.dim() > 0 and v.shape[0] == rows)
 
 
-def static_figures(run_cfg: RunConfig, features: Sequence[FeatureSpec], task_cfg: PromptTuneConfig,
+def static_figures(run_cfg: RunConfig, features: Sequence[FeatureSpec], task_cfg: NewTaskSpec,
                    tower_hidden: Sequence[int]) -> dict[str, Any]:
     """Parameter counts and forward FLOPs per sample of the new head vs the full models.
 

@@ -80,38 +80,37 @@ def evaluate_run(
     Raises:
         EvalSetupError: the run loader is not available.
     """
+    import dataclasses
+
     from mptrec.data_loaders.layout import read_schema, resolve_features
+    from mptrec.pipeline.build import make_dataset, resolve_run_features
     from mptrec.pipeline.config import RunConfig
     from mptrec.pipeline.strict import apply_overrides, from_dict, to_dict
 
     try:
-        from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
+        from mptrec.data_loaders.dataset import make_dataloader
     except ImportError as e:
-        raise EvalSetupError(f"mptrec.data_loaders.dataset (ShardDataset, make_dataloader) cannot be "
-                             f"imported: {e}") from e
+        raise EvalSetupError(f"mptrec.data_loaders.dataset (make_dataloader) cannot be imported: {e}") from e
     model, cfg, tasks = _load_run(run_dir, checkpoint, device)
     if overrides:
         cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), overrides, "--set"), source="--set")
-    data_dir = data or cfg.data.path
+    if data:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data))
+    data_dir = cfg.data.path
     split = split or cfg.data.test_split
     schema = read_schema(data_dir)
-    fc = cfg.features
-    features = resolve_features(
-        schema, embedding_dim=fc.embedding_dim, include=fc.include, exclude=fc.exclude,
-        use_dense=fc.use_dense, overrides={o.name: (o.embedding_dim, o.num_embeddings) for o in fc.overrides})
+    features = resolve_run_features(cfg, schema)
     user_is_input = True
     if user_field is not None and user_field not in {f.name for f in features if f.kind == "sparse"}:
-        extra = resolve_features(schema, embedding_dim=fc.embedding_dim, include=[user_field],
+        extra = resolve_features(schema, embedding_dim=cfg.features.embedding_dim, include=[user_field],
                                  use_dense=False)
         if not extra:
             raise ValueError(f"user field {user_field!r} is not a sparse feature of {data_dir}/schema.json")
         features, user_is_input = features + extra, False
     distributed = is_distributed(None)
-    dataset = ShardDataset(
-        data_dir, split, features=features, labels=[t.label_spec() for t in tasks],
-        batch_size=cfg.data.batch_size, rank=dist.get_rank() if distributed else 0,
-        world_size=dist.get_world_size() if distributed else 1, shuffle=False,
-        oov_policy=cfg.data.oov_policy, on_error=cfg.data.on_error, max_rows=cfg.data.max_rows)
+    dataset = make_dataset(cfg.data, split, features, [t.label_spec() for t in tasks],
+                           rank=dist.get_rank() if distributed else 0,
+                           world_size=dist.get_world_size() if distributed else 1)
     report = evaluate(
         model, make_dataloader(dataset, cfg.data.num_workers), [t.name for t in tasks], device=device,
         dump_predictions=dump_predictions, user_field=user_field, user_field_is_input=user_is_input,

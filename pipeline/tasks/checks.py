@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mptrec.models.registry import new_task_methods
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig
+from mptrec.pipeline.build import check_label, resolve_run_features
+from mptrec.pipeline.config import NewTaskSpec, RunConfig
 from mptrec.pipeline.rundir import RunDirError, hash_checkpoint, load_run_config, resolve_path
 from mptrec.pipeline.strict import ConfigError
 
@@ -30,31 +31,8 @@ __all__ = [
 ]
 
 
-def _check_label(cfg: PromptTuneConfig, schema: Mapping[str, Any], where: str) -> None:
-    labels = schema.get("labels", {})
-    if cfg.label not in labels:
-        raise RunDirError(
-            f"{where}: label column {cfg.label!r} is not a label column of the run's data "
-            f"(schema.json labels: {sorted(labels)})"
-        )
-    values = labels[cfg.label].get("values") if isinstance(labels[cfg.label], Mapping) else None
-    if values:
-        bad = [v for v in cfg.positive_values if v not in values]
-        if bad:
-            raise RunDirError(
-                f"{where}: positive_values {bad} never occur in label column {cfg.label!r} "
-                f"(values: {values})"
-            )
-        if not cfg.positive_values and not set(values) <= {0, 1}:
-            raise RunDirError(
-                f"{where}: label column {cfg.label!r} holds values {values}; set positive_values"
-            )
-
-
-def _check_features(cfg: PromptTuneConfig, run_cfg: RunConfig, schema: Mapping[str, Any],
+def _check_features(cfg: NewTaskSpec, run_cfg: RunConfig, schema: Mapping[str, Any],
                     where: str) -> None:
-    from mptrec.pipeline.build import resolve_run_features
-
     declared = {f["name"] for f in schema.get("features", [])}
     unknown = [f for f in cfg.exclude_features if f not in declared]
     if unknown:
@@ -77,7 +55,7 @@ def _check_features(cfg: PromptTuneConfig, run_cfg: RunConfig, schema: Mapping[s
         )
 
 
-def validate_new_task(run_dir: str | os.PathLike[str], cfg: PromptTuneConfig,
+def validate_new_task(run_dir: str | os.PathLike[str], cfg: NewTaskSpec,
                       store: Mapping[str, Any], *, source: str = "task config") -> None:
     """Check that a new task fits the run; raise a :class:`RunDirError` naming the problem.
 
@@ -109,7 +87,10 @@ def validate_new_task(run_dir: str | os.PathLike[str], cfg: PromptTuneConfig,
         schema = read_schema(run_cfg.data.path)
     except (OSError, ValueError) as e:
         raise RunDirError(f"{where}: cannot read the run's data schema: {e}") from e
-    _check_label(cfg, schema, where)
+    try:
+        check_label(cfg.task_spec(), schema, run_cfg.data.path)
+    except ConfigError as e:
+        raise RunDirError(f"{source}: {e}") from e
     _check_features(cfg, run_cfg, schema, where)
     check_base_unchanged(run_dir, store)
 

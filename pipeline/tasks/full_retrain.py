@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mptrec.io import atomic_write_json
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig, write_resolved
+from mptrec.pipeline.config import NewTaskSpec, RunConfig, write_resolved
 from mptrec.pipeline.distributed import get_world_size, max_over_ranks
 from mptrec.pipeline.eval.efficiency import peak_rss_mib, ratio
 from mptrec.pipeline.rundir import RunDirError, load_run_config, task_dir
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-def full_retrain_config(run_cfg: RunConfig, task_cfg: PromptTuneConfig,
+def full_retrain_config(run_cfg: RunConfig, task_cfg: NewTaskSpec,
                         out_dir: str | os.PathLike[str]) -> RunConfig:
     """The stage-1 run config with the new task added as a jointly trained task (same data, epochs)."""
     return dataclasses.replace(run_cfg, name=f"{run_cfg.name}_full_{task_cfg.name}", out_dir=str(out_dir),

@@ -76,15 +76,14 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
     run_cfg = load_run_config(run)
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
-    batch_size = cfg.batch_size or run_cfg.data.batch_size
-    tower = tuple(cfg.tower_hidden) or tuple(run_cfg.model.tower_hidden)
-    pm = build_prompt_model(run, ckpt, device, {cfg.name: (cfg.method, tower)}, seed=cfg.seed,
-                            batch_size=batch_size, group=group)
+    inherited = cfg.resolve(run_cfg)
+    pm = build_prompt_model(run, ckpt, device, {cfg.name: (cfg.method, inherited.tower_hidden)},
+                            seed=cfg.seed, batch_size=inherited.batch_size, group=group)
     head = pm.heads[cfg.name]
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, fused=True)  # one kernel per step
     return Stage2(run_dir=run, cfg=cfg, entry=entry, pm=pm, head=head, optimizer=optimizer,
-                  r_dnn=cfg.r_dnn if cfg.r_dnn >= 0 else run_cfg.model.r_dnn, batch_size=batch_size,
-                  tower_hidden=tower, device=device, rank=rank, world_size=world, group=group)
+                  r_dnn=inherited.r_dnn, batch_size=inherited.batch_size, tower_hidden=inherited.tower_hidden,
+                  device=device, rank=rank, world_size=world, group=group)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from mptrec.io import atomic_write, atomic_write_json
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig, TaskSpec, load_task_config
+from mptrec.pipeline.config import NewTaskSpec, RunConfig, TaskSpec, load_task_config
 from mptrec.pipeline.rundir import (
     RunDirError,
     file_sha256,
@@ -57,6 +57,7 @@ __all__ = [
     "TASK_STORE_FILE",
     "check_artifact",
     "format_table",
+    "load_task_spec",
     "load_task_store",
     "prompt_config",
     "record_result",
@@ -249,7 +250,7 @@ def register_task(run_dir: str | os.PathLike[str], task_config: str | os.PathLik
 
 
 def prompt_config(run_dir: str | os.PathLike[str], name: str,
-                  overrides: Sequence[str] = ()) -> tuple[PromptTuneConfig, dict[str, Any]]:
+                  overrides: Sequence[str] = ()) -> tuple[NewTaskSpec, dict[str, Any]]:
     """The registered config of a new task (with ``key=value`` overrides) and its entry.
 
     Raises:
@@ -264,10 +265,20 @@ def prompt_config(run_dir: str | os.PathLike[str], name: str,
     entry = store["tasks"][name]
     if entry["role"] != "prompt_tuned":
         raise RunDirError(f"task {name!r} of {path} is a {entry['role']} task, not a new task")
+    return load_task_spec(run_dir, entry, overrides), entry
+
+
+def load_task_spec(run_dir: str | os.PathLike[str], entry: Mapping[str, Any],
+                   overrides: Sequence[str] = ()) -> NewTaskSpec:
+    """A registered new task's spec (its ``task.json``), with ``key=value`` overrides.
+
+    Raises:
+        RunDirError: the file does not hold a valid spec (named with the key and value).
+    """
     cfg_path = resolve_path(run_dir, entry["config"])
     data = apply_overrides(json.loads(cfg_path.read_text()), overrides, str(cfg_path))
     try:
-        return from_dict(PromptTuneConfig, data, source=str(cfg_path)), entry
+        return from_dict(NewTaskSpec, data, source=str(cfg_path))
     except ConfigError as e:
         raise RunDirError(str(e)) from e
 

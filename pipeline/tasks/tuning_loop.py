@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
-from mptrec.pipeline.config import PromptTuneConfig
+from mptrec.pipeline.build import make_dataset
+from mptrec.pipeline.config import NewTaskSpec
 from mptrec.pipeline.distributed import agree_min, lockstep, lockstep_min
 from mptrec.pipeline.eval.efficiency import EpochClock
 from mptrec.pipeline.tasks.union import PromptModel
@@ -59,7 +60,7 @@ class Stage2:
     """
 
     run_dir: Path
-    cfg: PromptTuneConfig
+    cfg: NewTaskSpec
     entry: dict[str, Any]
     pm: PromptModel
     head: torch.nn.Module
@@ -102,11 +103,9 @@ class StageResult:
 
 
 def _dataset(s: Stage2, split: str, shuffle: bool) -> ShardDataset:
-    d = s.pm.run_cfg.data
-    return ShardDataset(d.path, split, features=s.pm.features, labels=[s.cfg.task_spec().label_spec()],
-                        batch_size=s.batch_size, rank=s.rank, world_size=s.world_size,
-                        shuffle=shuffle and d.shuffle, shuffle_buffer=d.shuffle_buffer if shuffle else 0,
-                        seed=s.cfg.seed, oov_policy=d.oov_policy, on_error=d.on_error, max_rows=d.max_rows)
+    return make_dataset(s.pm.run_cfg.data, split, s.pm.features, [s.cfg.task_spec().label_spec()],
+                        rank=s.rank, world_size=s.world_size, shuffle=shuffle, seed=s.cfg.seed,
+                        batch_size=s.batch_size)
 
 
 def _loader(ds: ShardDataset, epoch: int, num_workers: int) -> DataLoader[Batch]:

@@ -33,10 +33,9 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import PromptTunedModel
 from mptrec.models.base import MultiTaskModel, NewTaskHead
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig, TaskSpec
+from mptrec.pipeline.config import NewTaskSpec, RunConfig, TaskSpec
 from mptrec.pipeline.rundir import RunDirError, hash_checkpoint, load_run_config, resolve_run_checkpoint
-from mptrec.pipeline.strict import from_dict
-from mptrec.pipeline.tasks.store import TASK_STORE_FILE, load_task_store, trained_prompt_tasks
+from mptrec.pipeline.tasks.store import TASK_STORE_FILE, load_task_spec, load_task_store, trained_prompt_tasks
 
 __all__ = [
     "PromptModel",
@@ -228,22 +227,21 @@ def served_heads(run_dir: Path, ckpt: Path) -> tuple[dict[str, tuple[str, tuple[
                 f"{e['base_checkpoint_sha256'][:12]}...), not on {ckpt} (sha256 {sha[:12]}...); evaluate "
                 f"that checkpoint or prompt-tune the task again"
             )
-        cfg_path = run_dir / e["config"]
-        cfg = from_dict(PromptTuneConfig, json.loads(cfg_path.read_text()), source=str(cfg_path))
+        cfg = load_task_spec(run_dir, e)
         meta_path = run_dir / e["artifact"]
-        tower = _trained_tower(meta_path.with_name("meta.json"), cfg)
+        tower = _trained_tower(meta_path.with_name("meta.json"), cfg, run_dir)
         heads[cfg.name] = (cfg.method, tower)
         states[cfg.name] = load_head_state(meta_path)
         specs.append(cfg.task_spec())
     return heads, states, specs
 
 
-def _trained_tower(meta_path: Path, cfg: PromptTuneConfig) -> tuple[int, ...]:
-    """The tower sizes the head was trained with (its ``meta.json``; else the task config)."""
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return tuple(meta.get("tower_hidden", cfg.tower_hidden))
-    return tuple(cfg.tower_hidden)
+def _trained_tower(meta_path: Path, cfg: NewTaskSpec, run_dir: Path) -> tuple[int, ...]:
+    """The tower sizes the head was trained with (its ``meta.json``; else the task's spec)."""
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "tower_hidden" in meta:
+        return tuple(meta["tower_hidden"])
+    return cfg.resolve(load_run_config(run_dir)).tower_hidden
 
 
 def load_run_for_eval(run_dir: str, checkpoint: str,

@@ -34,7 +34,7 @@ from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
 from mptrec.data_loaders.layout import read_schema, verify_shard_files
 from mptrec.data_loaders.schema import DataError, FeatureSpec
 from mptrec.data_loaders.validate import validate_dataset
-from mptrec.pipeline.build import build_from_config
+from mptrec.pipeline.build import build_from_config, make_dataset, resolve_run_features
 from mptrec.pipeline.checkpoint import (
     CheckpointError,
     TrainState,
@@ -76,14 +76,12 @@ class ShardData:
         labels = [t.label_spec() for t in cfg.tasks]
 
         def dataset(split: str, shuffle: bool) -> ShardDataset:
-            return ShardDataset(d.path, split, features=features, labels=labels, batch_size=d.batch_size,
-                                rank=rank, world_size=world_size, shuffle=shuffle,
-                                shuffle_buffer=d.shuffle_buffer if shuffle else 0, seed=cfg.train.seed,
-                                oov_policy=d.oov_policy, on_error=d.on_error, max_rows=d.max_rows)
+            return make_dataset(d, split, features, labels, rank=rank, world_size=world_size, shuffle=shuffle,
+                                seed=cfg.train.seed)
 
         self.num_workers = d.num_workers
         self.pin_memory = device.type == "cuda"
-        self.train_ds = dataset(d.train_split, d.shuffle)
+        self.train_ds = dataset(d.train_split, True)
         self.ordered_ds = dataset(d.train_split, False)
         self.valid_ds = dataset(d.valid_split, False) if d.valid_split else None
 
@@ -145,17 +143,13 @@ def check_data(cfg: RunConfig) -> dict[str, int]:
         ConfigError: a configured feature or label the schema lacks.
         DataError: as in :func:`pretrain` (file checksums, footers, statistics, rows).
     """
-    from mptrec.pipeline.build import resolve_run_features
-
     d = cfg.data
     schema = read_schema(d.path)
     splits = [s for s in (d.train_split, d.valid_split) if s]
     verify_shard_files(d.path, schema, splits)
     features = resolve_run_features(cfg, schema)
     labels = [t.label_spec() for t in cfg.tasks]
-    datasets = [ShardDataset(d.path, split, features=features, labels=labels, batch_size=d.batch_size,
-                             oov_policy=d.oov_policy, on_error=d.on_error, max_rows=d.max_rows)
-                for split in splits]
+    datasets = [make_dataset(d, split, features, labels) for split in splits]
     return validate_dataset(datasets)
 
 

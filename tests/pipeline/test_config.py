@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mptrec.pipeline.config import PromptTuneConfig, RunConfig, load_config, load_task_config, write_resolved
+from mptrec.pipeline.config import NewTaskSpec, RunConfig, load_config, load_task_config, write_resolved
 from mptrec.pipeline.strict import ConfigError
 
 GOOD = """
@@ -130,11 +130,30 @@ def test_task_config(tmp_path: Path) -> None:
     p = _write(tmp_path, 'name = "scenario"\nlabel = "301"\npositive_values = [1, 3]\n'
                'method = "mptrec"\nexclude_features = ["301", "101"]\n', "task.toml")
     t = load_task_config(p)
-    assert isinstance(t, PromptTuneConfig)
+    assert isinstance(t, NewTaskSpec)
     assert t.task_spec().positive_values == (1, 3)
     bad = _write(tmp_path, 'name = "scenario"\nlabel = "301"\nmethod = "lora"\n', "bad.toml")
     with pytest.raises(ConfigError, match="method"):
         load_task_config(bad)
+
+
+def test_new_task_inherit_is_none_and_resolved_once(tmp_path: Path) -> None:
+    from mptrec.pipeline.strict import from_dict, to_dict
+
+    run = load_config("configs/debug.toml")
+    legacy = _write(tmp_path, 'name = "t3"\nlabel = "c"\ntower_hidden = []\nbatch_size = 0\nr_dnn = -1.0\n',
+                    "legacy.toml")
+    omitted = _write(tmp_path, 'name = "t3"\nlabel = "c"\n', "omitted.toml")
+    old, new = load_task_config(legacy), load_task_config(omitted)
+    assert old == new and (new.tower_hidden, new.batch_size, new.r_dnn) == (None, None, None)
+    got = new.resolve(run)
+    assert (got.tower_hidden, got.batch_size, got.r_dnn) == (
+        run.model.tower_hidden, run.data.batch_size, run.model.r_dnn)
+    assert from_dict(NewTaskSpec, json.loads(json.dumps(to_dict(new)))) == new  # null round-trips
+    own = load_task_config(omitted, ["tower_hidden=[8]", "batch_size=64", "r_dnn=0.0"]).resolve(run)
+    assert (own.tower_hidden, own.batch_size, own.r_dnn) == ((8,), 64, 0.0)
+    with pytest.raises(ConfigError, match="batch_size must be > 0"):
+        load_task_config(omitted, ["batch_size=-2"])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("name", ["strict", "rundir", "tasks.checks"])
+@pytest.mark.parametrize("name", ["strict", "rundir", "config"])
 def test_docstring_examples_run(name: str) -> None:
     module = importlib.import_module(f"mptrec.pipeline.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

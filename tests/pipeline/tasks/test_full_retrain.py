@@ -17,12 +17,12 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def test_full_retrain_config_adds_the_new_task() -> None:
-    from mptrec.pipeline.config import DataConfig, PromptTuneConfig, RunConfig, TaskSpec
+    from mptrec.pipeline.config import DataConfig, NewTaskSpec, RunConfig, TaskSpec
     from mptrec.pipeline.tasks.full_retrain import full_retrain_config
 
     tasks = (TaskSpec("ctr", "click"), TaskSpec("cvr", "purchase"))
     run = RunConfig(name="r", data=DataConfig(path="d"), tasks=tasks)
-    new = PromptTuneConfig(name="scen", label="301", positive_values=(1, 3))
+    new = NewTaskSpec(name="scen", label="301", positive_values=(1, 3))
     cfg = full_retrain_config(run, new, "out/x")
     assert cfg.task_names == ["ctr", "cvr", "scen"] and cfg.tasks[2].positive_values == (1, 3)
     assert cfg.out_dir == "out/x" and cfg.train == run.train and cfg.data == run.data

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mptrec.pipeline.config import ModelConfig, PromptTuneConfig, RunConfig, load_config
+from mptrec.pipeline.config import ModelConfig, NewTaskSpec, RunConfig, load_config
 from tests.dist import run_multiprocess
 
 REPO = Path(__file__).resolve().parents[3]
@@ -280,7 +280,7 @@ def test_paper_head_counts_from_the_efficiency_report() -> None:
         feats += [FeatureSpec(f"s{i}", num_embeddings=10, embedding_dim=dim) for i in range(sparse)]
         cfg = RunConfig(name="p", data=DataConfig(path="x"), model=model,
                         tasks=(TaskSpec("t1", "a"), TaskSpec("t2", "b")))
-        return static_figures(cfg, feats, PromptTuneConfig(name="t3", label="c"), model.tower_hidden)
+        return static_figures(cfg, feats, NewTaskSpec(name="t3", label="c"), model.tower_hidden)
 
     census = figures(11, 28, 4, ModelConfig(expert_hidden=(256, 128), tower_hidden=(64, 32)))
     assert census["trainable_params"] == 27_063
