@@ -46,7 +46,7 @@ from mptrec.bench.common import (
     with_new_task,
 )
 from mptrec.bench.harness import PeakRss, Stat, in_fresh_process
-from mptrec.bench.ours import build_prompt, build_stage1
+from mptrec.bench.ours import build_prompt_tuner, build_stage1
 from mptrec.bench.references import (
     RefMPTRec,
     RefNewTaskHead,
@@ -129,7 +129,7 @@ def _data(s: Settings, schema: dict[str, Any]) -> _Data:
 
 
 def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
-    prompt = build_prompt(d.cfg, schema, group, seed=s.seed)
+    prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
     b0 = d.batches[0]
     with torch.no_grad():
         feats = prompt.backbone.features(b0.dense_features, b0.sparse_features)
@@ -150,7 +150,7 @@ def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _W
 
 
 def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
-    prompt = build_prompt(d.cfg, schema, group, seed=s.seed)
+    prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
     fills: list[float] = []
     cache: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
     for _ in range(max(1, s.repeats)):  # the fill is timed like an epoch: once per repeat

@@ -5,7 +5,7 @@ store) -> ``shard_model`` (DMP, fused embedding optimizer in backward, dense Ada
 ``make_stepper`` (``TrainPipelineSparseDist`` when ``train.pipelined``), the same calls as
 :func:`mptrec.pipeline.train.pretrain.pretrain`; each step is ``stepper.progress(batches)``.
 
-Stage 2 (:func:`build_prompt`): the stage-1 model plus a new head in a ``PromptTunedModel``
+Stage 2 (:func:`build_prompt_tuner`): the stage-1 model plus a new head in a ``NewTaskModel``
 (frozen backbone: ``requires_grad`` off, eval mode, ``no_grad`` forward), sharded with no
 optimizer on the tables, Adam over the head only; the step is the one of
 :mod:`mptrec.pipeline.tasks.tuning_loop` (forward, BCE + ``r_dnn`` x the new tower's L2, backward,
@@ -28,7 +28,7 @@ from torch import nn
 from mptrec.bench.common import NEW_TASK, cycle
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.schema import FeatureSpec
-from mptrec.models import PromptTunedModel
+from mptrec.models import NewTaskModel
 from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
@@ -122,7 +122,7 @@ def compile_dense_arch(model: MultiTaskModel) -> None:
 
 
 @dataclass
-class Prompt:
+class PromptTuner:
     """Our stage-2 (prompt-tuning) trainer."""
 
     dmp: nn.Module
@@ -152,7 +152,7 @@ class Prompt:
         return float(loss.detach())
 
 
-def build_prompt(
+def build_prompt_tuner(
     cfg: RunConfig,
     schema: dict[str, Any],
     group: dist.ProcessGroup | None = None,
@@ -160,22 +160,22 @@ def build_prompt(
     method: str = "mptrec",
     lr: float = 1e-4,
     seed: int = 0,
-) -> Prompt:
+) -> PromptTuner:
     """Frozen stage-1 backbone + a fresh new-task head, sharded without any table optimizer."""
     backbone, features = build_from_config(cfg, schema)
     torch.manual_seed(seed)
     head = backbone.new_task_head(NEW_TASK.name, method, tuple(cfg.model.tower_hidden))
-    module = PromptTunedModel(backbone, {NEW_TASK.name: head})
+    module = NewTaskModel(backbone, {NEW_TASK.name: head})
     sharded = shard_model(module, features, cfg.sharding, None, CPU, group, batch_size=cfg.data.batch_size)
     inner = unwrap_dmp(sharded.dmp)
-    if not isinstance(inner, PromptTunedModel):
-        raise TypeError(f"expected a PromptTunedModel inside DMP, got {type(inner).__name__}")
+    if not isinstance(inner, NewTaskModel):
+        raise TypeError(f"expected a NewTaskModel inside DMP, got {type(inner).__name__}")
     inner_head = inner.heads[NEW_TASK.name]
     if not isinstance(inner_head, NewTaskHead):
         raise TypeError(f"expected a NewTaskHead, got {type(inner_head).__name__}")
     sharded.dmp.train()
     opt = torch.optim.Adam(inner_head.parameters(), lr=lr, fused=True)  # as the job
-    return Prompt(
+    return PromptTuner(
         dmp=sharded.dmp,
         backbone=inner.backbone,
         head=inner_head,

@@ -2,7 +2,7 @@
 
 Public API (see notes/CONTRACTS.md "Model API"): :data:`MODELS`, :func:`register_model`,
 :func:`build_model`, :class:`MultiTaskModel`, :class:`ModelOutput`, :class:`NewTaskHead`,
-:class:`PromptTunedModel`, :func:`em_assign`, :func:`grl_alpha`, :func:`count_parameters`,
+:class:`NewTaskModel`, :func:`em_assign`, :func:`grl_alpha`, :func:`count_parameters`,
 :func:`forward_flops_per_sample`.
 """
 
@@ -12,8 +12,8 @@ from mptrec.models.baselines import MMoE, MMoEHead, SharedBottom, SingleTask, Si
 from mptrec.models.config import ModelConfig
 from mptrec.models.layers import StackedMLP, grad_reverse, grl_alpha
 from mptrec.models.mptrec import MPTRec, MPTRecNewTaskHead
+from mptrec.models.new_task import NewTaskModel, freeze
 from mptrec.models.ple import PLE, PLEHead
-from mptrec.models.prompt import PromptTunedModel, freeze
 from mptrec.models.registry import MODELS, ModelBuilder, build_model, register_model
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "MultiTaskModel",
     "NewTaskHead",
     "PLEHead",
-    "PromptTunedModel",
+    "NewTaskModel",
     "SharedBottom",
     "SingleTask",
     "SingleTaskHead",

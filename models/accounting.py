@@ -54,7 +54,7 @@ def forward_flops_per_sample(module: nn.Module, *inputs: object) -> float:
     The forward runs under ``torch.no_grad()``.
 
     Args:
-        module: the module to measure (a model, a :class:`PromptTunedModel`, or a head).
+        module: the module to measure (a model, a :class:`NewTaskModel`, or a head).
         *inputs: its forward arguments, e.g. ``(dense, kjt)`` or ``(feats,)``; the batch size
             is the first dimension of the first tensor (or of a dict's first value).
 

@@ -555,7 +555,7 @@ def load_backbone(
 
     - the backbone itself (``prefix=""``), unsharded (its EBC materialised on CPU/GPU, e.g.
       ``build_ebc(features, device)``) or sharded (a DMP around it, any world size / plan);
-    - a module holding the backbone under ``prefix`` (e.g. ``PromptTunedModel`` with the
+    - a module holding the backbone under ``prefix`` (e.g. ``NewTaskModel`` with the
       backbone at ``backbone.``: ``prefix="backbone."``), possibly DMP-wrapped. Its other keys
       (new-task heads) are left untouched: only the checkpoint's backbone keys are requested
       from DCP, which would otherwise fail on the missing ones (pytorch#148252).

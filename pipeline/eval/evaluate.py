@@ -177,7 +177,7 @@ def evaluate(
 
     Args:
         model: ``model(dense (B, D), kjt) -> {task: logits (B,)}`` (``MultiTaskModel``,
-            ``PromptTunedModel``, a DMP-wrapped one, or any callable). ``nn.Module`` s are put
+            ``NewTaskModel``, a DMP-wrapped one, or any callable). ``nn.Module`` s are put
             in eval mode for the call and restored afterwards.
         batches: this rank's batches (e.g. a ``ShardDataset`` split over ranks).
         task_names: tasks to evaluate; each needs a model output and a batch label.

@@ -1,6 +1,6 @@
 """The module ``mptrec export`` writes: the frozen backbone and new-task heads on plain tensors.
 
-:class:`ServingModule` is the computation of :class:`mptrec.models.PromptTunedModel` (the old
+:class:`ServingModule` is the computation of :class:`mptrec.models.NewTaskModel` (the old
 tasks from the backbone's ``logits_from_features``, the new ones from their heads on the same
 features) with the backbone's ``EmbeddingBagCollection`` replaced by :class:`PooledTables`:
 per-feature ``values``/``lengths`` tensors (the KJT cut per key, in the manifest's order),
@@ -200,7 +200,7 @@ class PooledTables(nn.Module):
 class ServingModule(nn.Module):
     """The frozen backbone (tables replaced by :class:`PooledTables`) and new-task heads.
 
-    The same computation as :class:`mptrec.models.PromptTunedModel` (old tasks from
+    The same computation as :class:`mptrec.models.NewTaskModel` (old tasks from
     ``logits_from_features``, new ones from their heads on the same features), on plain tensors.
 
     Args:

@@ -5,10 +5,10 @@ The job (:func:`prompt_tune`, collective over 1..N processes):
 1. reads the task from the task store and checks the base checkpoint still has the content hash
    recorded at registration;
 2. rebuilds the stage-1 model from ``RUN/config.json``, adds ``new_task_head(name, method,
-   tower_hidden)`` (a :class:`PromptTunedModel`), shards it on THIS job's world size with **no
+   tower_hidden)`` (a :class:`NewTaskModel`), shards it on THIS job's world size with **no
    optimizer on the tables** (no ``apply_optimizer_in_backward``, no dense optimizer) and loads
    only the backbone's keys from the stage-1 DCP checkpoint
-   (:func:`mptrec.pipeline.tasks.union.build_prompt_model`). TorchRec's FUSED kernel still carries
+   (:func:`mptrec.pipeline.tasks.union.build_run_model`). TorchRec's FUSED kernel still carries
    a built-in update (EXACT_SGD when none is configured) that runs only inside the kernel's own
    backward; that backward is never reached, because the backbone runs under ``no_grad``, its
    outputs are detached and every backbone leaf (the kernels' weights included) has
@@ -57,7 +57,7 @@ from mptrec.pipeline.strict import to_dict
 from mptrec.pipeline.tasks.checks import check_base_unchanged
 from mptrec.pipeline.tasks.store import load_task_store, prompt_config, record_result
 from mptrec.pipeline.tasks.tuning_loop import Stage2, StageResult, train_head
-from mptrec.pipeline.tasks.union import backbone_digest, build_prompt_model
+from mptrec.pipeline.tasks.union import backbone_digest, build_run_model
 
 __all__ = ["prompt_tune", "run_stage2", "setup_stage2"]
 
@@ -77,11 +77,11 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
     inherited = cfg.resolve(run_cfg)
-    pm = build_prompt_model(run, ckpt, device, {cfg.name: (cfg.method, inherited.tower_hidden)},
+    sharded = build_run_model(run, ckpt, device, {cfg.name: (cfg.method, inherited.tower_hidden)},
                             seed=cfg.seed, batch_size=inherited.batch_size, group=group)
-    head = pm.heads[cfg.name]
+    head = sharded.heads[cfg.name]
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, fused=True)  # one kernel per step
-    return Stage2(run_dir=run, cfg=cfg, entry=entry, pm=pm, head=head, optimizer=optimizer,
+    return Stage2(run_dir=run, cfg=cfg, entry=entry, sharded=sharded, head=head, optimizer=optimizer,
                   r_dnn=inherited.r_dnn, batch_size=inherited.batch_size, tower_hidden=inherited.tower_hidden,
                   device=device, rank=rank, world_size=world, group=group)
 
@@ -94,7 +94,7 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
 def _efficiency(s: Stage2, res: StageResult) -> dict[str, Any]:
     from mptrec.pipeline.eval.efficiency import static_figures
 
-    figures = static_figures(s.pm.run_cfg, s.pm.features, s.cfg, s.tower_hidden)
+    figures = static_figures(s.sharded.run_cfg, s.sharded.features, s.cfg, s.tower_hidden)
     trainable, _ = count_parameters(s.head)
     opt_params = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
     if trainable != figures["trainable_params"] or opt_params != trainable:
@@ -144,20 +144,20 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
     """
     from mptrec.pipeline.train.metrics_log import MetricsLogger
 
-    before = backbone_digest(s.pm.backbone)
+    before = backbone_digest(s.sharded.backbone)
     if not before or not any("embedding" in k for k in before):
         raise RuntimeError(f"the backbone digest covers no embedding table ({sorted(before)[:5]}); "
                            "the freeze could not be proved")
-    trainable, total = count_parameters(s.pm.model)
+    trainable, total = count_parameters(s.sharded.model)
     if s.rank == 0 and progress:
         print(f"prompt-tune {s.cfg.name}: method {s.cfg.method}, trainable {trainable:,} of {total:,} "
               f"local parameters, {s.world_size} process(es)", file=sys.stderr)
     logger = MetricsLogger(task_dir(s.run_dir, s.cfg.name), enabled=s.rank == 0, tensorboard=False)
     try:
-        res = train_head(s, num_workers=s.pm.run_cfg.data.num_workers, progress=progress, logger=logger)
+        res = train_head(s, num_workers=s.sharded.run_cfg.data.num_workers, progress=progress, logger=logger)
     finally:
         logger.close()
-    after = backbone_digest(s.pm.backbone)
+    after = backbone_digest(s.sharded.backbone)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     if changed:
         raise RuntimeError(f"the frozen backbone changed during prompt tuning: {changed[:5]}")

@@ -34,7 +34,7 @@ from mptrec.pipeline.build import make_dataset
 from mptrec.pipeline.config import NewTaskSpec
 from mptrec.pipeline.distributed import agree_min, lockstep, lockstep_min
 from mptrec.pipeline.eval.efficiency import EpochClock
-from mptrec.pipeline.tasks.union import PromptModel
+from mptrec.pipeline.tasks.union import ShardedRunModel
 
 __all__ = ["FeatureCache", "Stage2", "StageResult", "train_head"]
 
@@ -47,8 +47,8 @@ class Stage2:
         run_dir: the stage-1 run folder.
         cfg: the new task's config (with overrides).
         entry: its task store entry.
-        pm: the sharded model with the new head.
-        head: the new head (inside ``pm.dmp``).
+        sharded: the sharded run model with the new head.
+        head: the new head (inside ``sharded.dmp``).
         optimizer: Adam over exactly ``head.parameters()``.
         r_dnn: weight of the new tower's L2 (Eq. 15).
         batch_size: rows per batch and rank.
@@ -62,7 +62,7 @@ class Stage2:
     run_dir: Path
     cfg: NewTaskSpec
     entry: dict[str, Any]
-    pm: PromptModel
+    sharded: ShardedRunModel
     head: torch.nn.Module
     optimizer: torch.optim.Adam
     r_dnn: float
@@ -103,7 +103,7 @@ class StageResult:
 
 
 def _dataset(s: Stage2, split: str, shuffle: bool) -> ShardDataset:
-    return make_dataset(s.pm.run_cfg.data, split, s.pm.features, [s.cfg.task_spec().label_spec()],
+    return make_dataset(s.sharded.run_cfg.data, split, s.sharded.features, [s.cfg.task_spec().label_spec()],
                         rank=s.rank, world_size=s.world_size, shuffle=shuffle, seed=s.cfg.seed,
                         batch_size=s.batch_size)
 
@@ -156,7 +156,7 @@ def _collect(s: Stage2, batches: Iterable[Batch]) -> FeatureCache:
     labels: list[torch.Tensor] = []
     for batch, real in lockstep(batches, group=s.group):
         batch = batch.to(s.device, non_blocking=True)
-        feats = s.pm.model.backbone_features(batch.dense_features, batch.sparse_features)  # type: ignore[operator]
+        feats = s.sharded.model.backbone_features(batch.dense_features, batch.sparse_features)  # type: ignore[operator]
         if not real:
             continue
         n = batch.batch_size
@@ -181,7 +181,7 @@ def _cache_fits(s: Stage2, train: ShardDataset, valid: ShardDataset | None) -> b
     from mptrec.pipeline.eval.efficiency import feature_bytes_per_row
 
     rows = (train.num_rows + (valid.num_rows if valid is not None else 0)) / s.world_size
-    per_row = feature_bytes_per_row(s.pm.run_cfg, s.pm.features) + 4  # + the float label
+    per_row = feature_bytes_per_row(s.sharded.run_cfg, s.sharded.features) + 4  # + the float label
     return rows * per_row <= s.cfg.feature_cache_mib * 2 ** 20
 
 
@@ -236,7 +236,7 @@ def _streamed(s: Stage2, batches: Iterable[Batch]) -> Iterator[tuple[dict[str, t
     """Frozen features of each batch, while every rank has one (no cache)."""
     for batch in lockstep_min(batches, s.device, s.group):
         batch = batch.to(s.device, non_blocking=True)
-        feats = s.pm.model.backbone_features(batch.dense_features, batch.sparse_features)  # type: ignore[operator]
+        feats = s.sharded.model.backbone_features(batch.dense_features, batch.sparse_features)  # type: ignore[operator]
         yield feats, batch.labels[s.cfg.name]
 
 
@@ -258,7 +258,7 @@ def _validate(s: Stage2, valid: ShardDataset, cache: FeatureCache | None, num_wo
     from mptrec.pipeline.eval.evaluate import evaluate
 
     if cache is None:
-        report = evaluate(s.pm.model, _loader(valid, 0, num_workers), [s.cfg.name], device=s.device,
+        report = evaluate(s.sharded.model, _loader(valid, 0, num_workers), [s.cfg.name], device=s.device,
                           group=s.group, progress=False, split=valid.split)
         auc = report["tasks"][s.cfg.name]["auc"]
         return None if auc is None else float(auc)
@@ -290,7 +290,7 @@ def train_head(s: Stage2, *, num_workers: int = 0, progress: bool = True, logger
     Returns:
         The :class:`StageResult`; ``s.head`` holds the best weights afterwards.
     """
-    run_cfg = s.pm.run_cfg
+    run_cfg = s.sharded.run_cfg
     train = _dataset(s, run_cfg.data.train_split, shuffle=True)
     valid = _dataset(s, run_cfg.data.valid_split, shuffle=False) if run_cfg.data.valid_split else None
     res = StageResult(best_state=copy.deepcopy(s.head.state_dict()))

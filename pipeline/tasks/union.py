@@ -11,7 +11,7 @@ A head is only attached to the backbone it was trained on: the checkpoint asked 
 the content hash recorded for the head (``base_checkpoint_sha256``), else a
 :class:`~mptrec.pipeline.rundir.RunDirError` names the task and both checkpoints.
 
-:func:`build_prompt_model` is the shared builder, also used by the stage-2 job
+:func:`build_run_model` is the shared builder, also used by the stage-2 job
 (:mod:`mptrec.pipeline.tasks.prompt_tuning`) with a fresh trainable head.
 """
 
@@ -31,16 +31,16 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from mptrec.data_loaders.schema import FeatureSpec
-from mptrec.models import PromptTunedModel
+from mptrec.models import NewTaskModel
 from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.config import NewTaskSpec, RunConfig, TaskSpec
 from mptrec.pipeline.rundir import RunDirError, hash_checkpoint, load_run_config, resolve_run_checkpoint
 from mptrec.pipeline.tasks.store import TASK_STORE_FILE, load_task_spec, load_task_store, trained_prompt_tasks
 
 __all__ = [
-    "PromptModel",
+    "ShardedRunModel",
     "backbone_digest",
-    "build_prompt_model",
+    "build_run_model",
     "load_head_state",
     "load_run_for_eval",
     "served_heads",
@@ -49,12 +49,12 @@ __all__ = [
 
 
 @dataclass
-class PromptModel:
+class ShardedRunModel:
     """A sharded stage-1 backbone with new-task heads.
 
     Attributes:
         dmp: the ``DistributedModelParallel`` around :attr:`model` (call it for forwards).
-        model: the unwrapped module: a :class:`PromptTunedModel`, or the backbone alone when
+        model: the unwrapped module: a :class:`NewTaskModel`, or the backbone alone when
             there is no head.
         backbone: the stage-1 :class:`MultiTaskModel` inside it (its EBC sharded).
         heads: new task name -> head.
@@ -143,7 +143,7 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def build_prompt_model(
+def build_run_model(
     run_dir: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
     device: torch.device,
@@ -153,7 +153,7 @@ def build_prompt_model(
     seed: int = 0,
     batch_size: int = 512,
     group: dist.ProcessGroup | None = None,
-) -> PromptModel:
+) -> ShardedRunModel:
     """Rebuild the stage-1 model, add heads, shard it WITHOUT any optimizer, load the backbone.
 
     Collective: every rank of ``group`` must call it. No optimizer is attached to the tables
@@ -172,7 +172,7 @@ def build_prompt_model(
         group: process group (default: the world).
 
     Returns:
-        The :class:`PromptModel`; heads keep ``requires_grad`` (the caller freezes for serving).
+        The :class:`ShardedRunModel`; heads keep ``requires_grad`` (the caller freezes for serving).
     """
     from mptrec.data_loaders.layout import read_schema
     from mptrec.pipeline.build import build_from_config
@@ -189,12 +189,12 @@ def build_prompt_model(
         if head_states is not None and name in head_states:
             head.load_state_dict(dict(head_states[name]), strict=True)
         new[name] = head
-    module: nn.Module = PromptTunedModel(backbone, new) if new else backbone
+    module: nn.Module = NewTaskModel(backbone, new) if new else backbone
     sharded = shard_model(module, features, run_cfg.sharding, None, device, group, batch_size=batch_size)
     meta = load_backbone(run_dir, ckpt, sharded.dmp, prefix="backbone." if new else "",
                          model_name=run_cfg.model.name, features=features, group=group)
     inner = unwrap_dmp(sharded.dmp)
-    inner_backbone = inner.backbone if isinstance(inner, PromptTunedModel) else inner
+    inner_backbone = inner.backbone if isinstance(inner, NewTaskModel) else inner
     if not isinstance(inner_backbone, MultiTaskModel):
         raise TypeError(f"unexpected sharded module {type(inner).__name__}")
     # DMP re-creates the table parameters with requires_grad on: freeze every leaf again, the
@@ -202,8 +202,8 @@ def build_prompt_model(
     for w in [*inner_backbone.parameters(), *table_weights(inner_backbone)]:
         if w.is_leaf:
             w.requires_grad_(False)
-    inner_heads = dict(inner.heads.items()) if isinstance(inner, PromptTunedModel) else {}
-    return PromptModel(dmp=sharded.dmp, model=inner, backbone=inner_backbone,
+    inner_heads = dict(inner.heads.items()) if isinstance(inner, NewTaskModel) else {}
+    return ShardedRunModel(dmp=sharded.dmp, model=inner, backbone=inner_backbone,
                        heads={k: v for k, v in inner_heads.items() if isinstance(v, NewTaskHead)},
                        run_cfg=run_cfg, features=features, checkpoint=ckpt, meta=meta,
                        plan_text=sharded.plan_text)
@@ -268,9 +268,9 @@ def load_run_for_eval(run_dir: str, checkpoint: str,
     run = Path(run_dir)
     ckpt = resolve_run_checkpoint(run, checkpoint)
     heads, states, specs = served_heads(run, ckpt)
-    pm = build_prompt_model(run, ckpt, device, heads, head_states=states)
-    for p in pm.dmp.parameters():
+    built = build_run_model(run, ckpt, device, heads, head_states=states)
+    for p in built.dmp.parameters():
         if p.is_leaf:  # the sharded tables' parameters are views of the fused kernel's weights
             p.requires_grad_(False)
-    pm.dmp.eval()
-    return pm.dmp, pm.run_cfg, [*pm.run_cfg.tasks, *specs]
+    built.dmp.eval()
+    return built.dmp, built.run_cfg, [*built.run_cfg.tasks, *specs]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mptrec.models import PromptTunedModel, count_parameters, forward_flops_per_sample
+from mptrec.models import NewTaskModel, count_parameters, forward_flops_per_sample
 from mptrec.models.mptrec import MPTRecNewTaskHead
 from tests.models.tiny import DENSE_DIM, DIM, TASKS, tiny_batch, tiny_model
 
@@ -20,7 +20,7 @@ def test_count_parameters_trainable_and_total() -> None:
     assert count_parameters(model) == (8, 23)
     backbone = tiny_model("mptrec")
     total = count_parameters(backbone)[1]
-    stage2 = PromptTunedModel(backbone, {"t3": backbone.new_task_head("t3", "fw")})
+    stage2 = NewTaskModel(backbone, {"t3": backbone.new_task_head("t3", "fw")})
     head_n = count_parameters(stage2.heads)[1]
     assert count_parameters(stage2) == (head_n, total + head_n)
 

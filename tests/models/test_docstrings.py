@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-MODULES = ["layers", "base", "mptrec", "baselines", "ple", "prompt", "accounting", "registry"]
+MODULES = ["layers", "base", "mptrec", "baselines", "ple", "new_task", "accounting", "registry"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -26,7 +26,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.launch.cli import main
-from mptrec.models import ModelConfig, PromptTunedModel, build_model
+from mptrec.models import ModelConfig, NewTaskModel, build_model
 from mptrec.pipeline.serve.artifact import ArtifactError, read_manifest
 from mptrec.pipeline.serve.export import ExportError, example_inputs, export_program, export_run
 from mptrec.pipeline.serve.predict import predict
@@ -49,7 +49,7 @@ LIST_VOCAB = 10
 
 
 def _fresh_model(seed: int = 0, name: str = "mptrec",
-                 method: str = "mptrec") -> tuple[PromptTunedModel, list[FeatureSpec]]:
+                 method: str = "mptrec") -> tuple[NewTaskModel, list[FeatureSpec]]:
     """A backbone (unsharded EBC: one sum feature, one mean list feature) and a new-task head."""
     torch.manual_seed(seed)
     features = [FeatureSpec("d0", kind="dense"), FeatureSpec("a", num_embeddings=7, embedding_dim=4),
@@ -60,11 +60,11 @@ def _fresh_model(seed: int = 0, name: str = "mptrec",
                            pooling=PoolingType.MEAN)])
     base = build_model(ModelConfig(name=name, expert_hidden=(16, 8), tower_hidden=(4,)), ebc,
                        sparse_features=["a", "l"], dense_dim=1, task_names=["ctr", "cvr"])
-    model = PromptTunedModel(base, {"t3": base.new_task_head("t3", method)})
+    model = NewTaskModel(base, {"t3": base.new_task_head("t3", method)})
     return model.eval(), features
 
 
-def _serving(model: PromptTunedModel, features: list[FeatureSpec],
+def _serving(model: NewTaskModel, features: list[FeatureSpec],
              quantize: str | None = None) -> ServingModule:
     import copy
 

@@ -122,35 +122,36 @@ def _stage2(rank: int, world: int, data: str, run: str,
     assert len(list(lockstep_min(list(range(3 + 2 * rank)), device))) == 3
 
     s = setup_stage2(run, "scen", device)
-    ckpt_sha = hash_checkpoint(s.pm.checkpoint)
-    loaded = backbone_digest(s.pm.backbone)
+    ckpt_sha = hash_checkpoint(s.sharded.checkpoint)
+    loaded = backbone_digest(s.sharded.backbone)
     head_ids = {id(p) for p in s.head.parameters()}
     opt_ids = [id(p) for g in s.optimizer.param_groups for p in g["params"]]
     out: dict[str, Any] = {
         "opt_is_head": sorted(opt_ids) == sorted(head_ids) and len(opt_ids) == len(head_ids),
         # dense backbone parameters and the sharded tables' kernel weights (the leaves)
-        "backbone_trainable": [n for n, p in s.pm.backbone.named_parameters()
+        "backbone_trainable": [n for n, p in s.sharded.backbone.named_parameters()
                                if p.is_leaf and p.requires_grad]
-        + [str(tuple(w.shape)) for w in table_weights(s.pm.backbone) if w.requires_grad],
-        "num_table_weights": len(table_weights(s.pm.backbone)),
+        + [str(tuple(w.shape)) for w in table_weights(s.sharded.backbone) if w.requires_grad],
+        "num_table_weights": len(table_weights(s.sharded.backbone)),
         "head_count": count_parameters(s.head)[0],
     }
-    batch = fixed_batch(Path(data), s.pm.features)
+    batch = fixed_batch(Path(data), s.sharded.features)
     # one manual step: no gradient reaches the backbone
-    s.pm.dmp.train()
-    logits = s.pm.dmp(batch.dense_features, batch.sparse_features)
+    s.sharded.dmp.train()
+    logits = s.sharded.dmp(batch.dense_features, batch.sparse_features)
     torch.nn.functional.binary_cross_entropy_with_logits(logits["scen"], batch.labels["scen"]).backward()
-    out["backbone_grads"] = [n for n, p in s.pm.backbone.named_parameters() if p.grad is not None]
-    out["backbone_grads"] += [str(tuple(w.shape)) for w in table_weights(s.pm.backbone) if w.grad is not None]
+    out["backbone_grads"] = [n for n, p in s.sharded.backbone.named_parameters() if p.grad is not None]
+    out["backbone_grads"] += [str(tuple(w.shape)) for w in table_weights(s.sharded.backbone)
+                              if w.grad is not None]
     out["head_grads"] = sorted(n for n, p in s.head.named_parameters() if p.grad is not None)
     s.optimizer.zero_grad(set_to_none=True)
 
     result = run_stage2(s, progress=False)
-    out["digest_unchanged"] = backbone_digest(s.pm.backbone) == loaded
-    out["ckpt_unchanged"] = hash_checkpoint(s.pm.checkpoint) == ckpt_sha
-    s.pm.dmp.eval()
+    out["digest_unchanged"] = backbone_digest(s.sharded.backbone) == loaded
+    out["ckpt_unchanged"] = hash_checkpoint(s.sharded.checkpoint) == ckpt_sha
+    s.sharded.dmp.eval()
     with torch.no_grad():
-        after = unwrap_dmp(s.pm.dmp)(batch.dense_features, batch.sparse_features)
+        after = unwrap_dmp(s.sharded.dmp)(batch.dense_features, batch.sparse_features)
     out["old_identical"] = all(np.array_equal(after[t].numpy(), stage1_logits[t]) for t in ("ctr", "cvr"))
     out["head_state"] = {k: v.numpy().copy() for k, v in s.head.state_dict().items()}
     # a fresh load of the stage-1 checkpoint (the served union) holds exactly the tuned model's backbone
@@ -172,7 +173,7 @@ def _mutate_one_row(s: Any, run: str, loaded: dict[str, str]) -> dict[str, Any]:
     import mptrec.pipeline.tasks.prompt_tuning as pt
     from mptrec.pipeline.tasks.union import backbone_digest
 
-    sd = s.pm.backbone.state_dict()
+    sd = s.sharded.backbone.state_dict()
     key = next(k for k in sorted(sd) if "embedding" in k and hasattr(sd[k], "local_shards")
                and sd[k].local_shards())
     row = sd[key].local_shards()[0].tensor[0]  # a view of this rank's shard of the table
@@ -180,11 +181,11 @@ def _mutate_one_row(s: Any, run: str, loaded: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {"mutated_key": key}
     with torch.no_grad():
         row[0] += 1.0
-    now = backbone_digest(s.pm.backbone)
+    now = backbone_digest(s.sharded.backbone)
     out["digest_changed_keys"] = sorted(k for k in now if now[k] != loaded[k])
     with torch.no_grad():
         row.copy_(original_row)
-    out["digest_restored"] = backbone_digest(s.pm.backbone) == loaded
+    out["digest_restored"] = backbone_digest(s.sharded.backbone) == loaded
     registry = Path(run) / "tasks.json"
     before = registry.read_bytes()
     train_head = pt.train_head

@@ -44,7 +44,7 @@ def _serve(rank: int, world: int, data: str, run: str) -> dict[str, Any]:
     s = setup_stage2(run, "scen", cpu, ["epochs=1", "feature_cache_mib=0"])  # the streaming path
     streamed = run_stage2(s, progress=False)["metrics"]["valid_history"]
     with torch.no_grad():
-        tuned = unwrap_dmp(s.pm.dmp)(*x)
+        tuned = unwrap_dmp(s.sharded.dmp)(*x)
     model, run_cfg, tasks = load_run_for_eval(run, "best", cpu)
     with torch.no_grad():
         served = model(*x)

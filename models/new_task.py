@@ -17,7 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mptrec.models.base import MultiTaskModel, NewTaskHead
 
-__all__ = ["PromptTunedModel", "freeze"]
+__all__ = ["NewTaskModel", "freeze"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -26,7 +26,7 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-class PromptTunedModel(nn.Module):
+class NewTaskModel(nn.Module):
     """A frozen :class:`MultiTaskModel` and new-task heads trained on its features.
 
     Args:
@@ -45,7 +45,7 @@ class PromptTunedModel(nn.Module):
         ...     name="t_a", embedding_dim=4, num_embeddings=10, feature_names=["a"])])
         >>> cfg = ModelConfig(expert_hidden=(16, 8), tower_hidden=(4,))
         >>> base = MPTRec(cfg, ebc, sparse_features=["a"], dense_dim=0, task_names=["ctr", "cvr"])
-        >>> model = PromptTunedModel(base, {"t3": base.new_task_head("t3", "mptrec")})
+        >>> model = NewTaskModel(base, {"t3": base.new_task_head("t3", "mptrec")})
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([1, 2]), torch.tensor([1, 1]))
         >>> sorted(model(torch.zeros(2, 0), kjt)), model.task_names
         (['ctr', 'cvr', 't3'], ['ctr', 'cvr', 't3'])
@@ -54,7 +54,7 @@ class PromptTunedModel(nn.Module):
     def __init__(self, backbone: MultiTaskModel, heads: Mapping[str, NewTaskHead]) -> None:
         super().__init__()
         if not heads:
-            raise ValueError("PromptTunedModel needs at least one new-task head")
+            raise ValueError("NewTaskModel needs at least one new-task head")
         clash = [n for n in heads if n in backbone.task_names]
         if clash:
             raise ValueError(f"new tasks {clash} are already tasks of the backbone {backbone.task_names}")
@@ -67,7 +67,7 @@ class PromptTunedModel(nn.Module):
         self.task_names: list[str] = [*backbone.task_names, *self.new_task_names]
         freeze(self.backbone)
 
-    def train(self, mode: bool = True) -> PromptTunedModel:
+    def train(self, mode: bool = True) -> NewTaskModel:
         """Set the heads' mode; the backbone always stays in eval mode."""
         super().train(mode)
         self.backbone.eval()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchrec.fx
 
-from mptrec.models import MultiTaskModel, PromptTunedModel, count_parameters
+from mptrec.models import MultiTaskModel, NewTaskModel, count_parameters
 from tests.models.tiny import DENSE_DIM, DIM, MODEL_CASES, TASKS, state_bytes, tiny_batch, tiny_model
 
 torch.set_num_threads(1)
@@ -56,7 +56,7 @@ def test_stage2_trains_only_the_head(case: str, method: str) -> None:
     with torch.no_grad():
         old_ref = backbone.eval()(dense, kjt)
     head = backbone.new_task_head("t3", method)
-    model = PromptTunedModel(backbone, {"t3": head}).train()
+    model = NewTaskModel(backbone, {"t3": head}).train()
     assert not backbone.training and head.training
     assert all(not p.requires_grad for p in backbone.parameters())
     trainable, total = count_parameters(model)
@@ -90,7 +90,7 @@ def test_stage2_trains_only_the_head(case: str, method: str) -> None:
 def test_prompt_tuned_model_traces_and_takes_several_heads() -> None:
     backbone = tiny_model("mptrec")
     heads = {"t3": backbone.new_task_head("t3", "mptrec"), "t4": backbone.new_task_head("t4", "fw")}
-    model = PromptTunedModel(backbone, heads).eval()
+    model = NewTaskModel(backbone, heads).eval()
     assert model.task_names == [*TASKS, "t3", "t4"] and model.new_task_names == ["t3", "t4"]
     gm = torchrec.fx.symbolic_trace(model)
     dense, kjt, _ = tiny_batch(5)
@@ -103,10 +103,10 @@ def test_prompt_tuned_model_errors() -> None:
     backbone = tiny_model("mmoe")
     head = backbone.new_task_head("t3", "mmoe*")
     with pytest.raises(ValueError, match="at least one"):
-        PromptTunedModel(backbone, {})
+        NewTaskModel(backbone, {})
     with pytest.raises(ValueError, match="another task's name"):
-        PromptTunedModel(backbone, {"t4": head})
+        NewTaskModel(backbone, {"t4": head})
     with pytest.raises(ValueError, match=r"\['ctr'\] are already tasks"):
-        PromptTunedModel(backbone, {"ctr": head})
+        NewTaskModel(backbone, {"ctr": head})
     with pytest.raises(ValueError, match=r"'mptrec' does not apply to model MMoE; use one of \['mmoe\*'\]"):
         backbone.new_task_head("t3", "mptrec")
