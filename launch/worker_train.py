@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mptrec.data_loaders.schema import DataError
     from mptrec.launch.dist import init_distributed, teardown
+    from mptrec.logs import get_logger
     from mptrec.pipeline.checkpoint import CheckpointError
     from mptrec.pipeline.config import load_config
     from mptrec.pipeline.sharding import ShardingError
@@ -51,11 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, DataError, ShardingError, CheckpointError) as e:  # bad input: no traceback
             print(f"mptrec train: error (rank {rank}): {e}", file=sys.stderr)
             return 2
-        if rank == 0:
-            aucs = result.valid[-1]["auc"] if result.valid else {}
-            print(f"trained {result.steps} steps on {world_size} process(es) in {result.wall_s:.1f} s "
-                  f"({result.samples_per_s:,.0f} samples/s); last valid AUC {aucs}; best AUC sum "
-                  f"{result.best_metric}; checkpoint {result.last_checkpoint}", file=sys.stderr)
+        aucs = result.valid[-1]["auc"] if result.valid else {}
+        get_logger(__name__).info(
+            f"trained {result.steps} steps on {world_size} process(es) in {result.wall_s:.1f} s "
+            f"({result.samples_per_s:,.0f} samples/s); last valid AUC {aucs}; best AUC sum "
+            f"{result.best_metric}; checkpoint {result.last_checkpoint}")
         dist.barrier()
     finally:
         teardown()

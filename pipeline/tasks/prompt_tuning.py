@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from mptrec.io import atomic_write, atomic_write_json
+from mptrec.logs import get_logger
 from mptrec.models import count_parameters
 from mptrec.pipeline.distributed import barrier, get_rank, get_world_size, max_over_ranks
 from mptrec.pipeline.eval.efficiency import cuda_peak_mib, peak_rss_mib
@@ -60,6 +60,8 @@ from mptrec.pipeline.tasks.tuning_loop import Stage2, StageResult, train_head
 from mptrec.pipeline.tasks.union import backbone_digest, build_run_model
 
 __all__ = ["prompt_tune", "run_stage2", "setup_stage2"]
+
+log = get_logger(__name__)
 
 
 def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.device,
@@ -149,9 +151,9 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
         raise RuntimeError(f"the backbone digest covers no embedding table ({sorted(before)[:5]}); "
                            "the freeze could not be proved")
     trainable, total = count_parameters(s.sharded.model)
-    if s.rank == 0 and progress:
-        print(f"prompt-tune {s.cfg.name}: method {s.cfg.method}, trainable {trainable:,} of {total:,} "
-              f"local parameters, {s.world_size} process(es)", file=sys.stderr)
+    if progress:
+        log.info("prompt-tune %s: method %s, trainable %s of %s local parameters, %d process(es)",
+                 s.cfg.name, s.cfg.method, f"{trainable:,}", f"{total:,}", s.world_size)
     logger = MetricsLogger(task_dir(s.run_dir, s.cfg.name), enabled=s.rank == 0, tensorboard=False)
     try:
         res = train_head(s, num_workers=s.sharded.run_cfg.data.num_workers, progress=progress, logger=logger)
@@ -168,9 +170,9 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
     artifact = task_dir(s.run_dir, s.cfg.name) / "head.pt"
     if s.rank == 0:
         _save(s, res, metrics, efficiency)
-        print(json.dumps({"task": s.cfg.name, "valid_auc": res.best_auc,
-                          "trainable_params": efficiency["trainable_params"],
-                          "trainable_fraction": efficiency["trainable_fraction"]}), file=sys.stderr)
+    log.info(json.dumps({"task": s.cfg.name, "valid_auc": res.best_auc,
+                         "trainable_params": efficiency["trainable_params"],
+                         "trainable_fraction": efficiency["trainable_fraction"]}))
     barrier(s.group)
     return {"metrics": metrics, "efficiency": efficiency, "artifact": str(artifact)}
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
+from mptrec.logs import get_logger
 from mptrec.pipeline.build import make_dataset
 from mptrec.pipeline.config import NewTaskSpec
 from mptrec.pipeline.distributed import agree_min, lockstep, lockstep_min
@@ -37,6 +38,8 @@ from mptrec.pipeline.eval.efficiency import EpochClock
 from mptrec.pipeline.tasks.union import ShardedRunModel
 
 __all__ = ["FeatureCache", "Stage2", "StageResult", "train_head"]
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -319,8 +322,8 @@ def train_head(s: Stage2, *, num_workers: int = 0, progress: bool = True, logger
         res.valid.append(record)
         if logger is not None:
             logger.log(record)
-        if s.rank == 0 and progress:
-            print(f"epoch {epoch + 1}: loss {mean_loss:.4f}, valid AUC {record.get('auc')}", file=sys.stderr)
+        if progress:
+            log.info("epoch %d: loss %.4f, valid AUC %s", epoch + 1, mean_loss, record.get("auc"))
         if (valid is not None and 0 < s.cfg.patience <= bad) or 0 < s.cfg.max_steps <= res.steps:
             break
     s.head.load_state_dict(res.best_state)

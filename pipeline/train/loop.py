@@ -37,6 +37,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from mptrec.data_loaders.batch import Batch
+from mptrec.logs import get_logger
 from mptrec.models import em_assign, grl_alpha
 from mptrec.pipeline.checkpoint import TrainState, save_checkpoint
 from mptrec.pipeline.config import RunConfig
@@ -49,6 +50,8 @@ from mptrec.pipeline.train.wrapper import TrainOutput, TrainWrapper
 
 __all__ = ["DataSource", "PlainStepper", "TrainContext", "TrainResult", "Trainer", "bf16_autocast",
            "cpu_has_native_bf16", "epoch_batches", "make_stepper"]
+
+log = get_logger(__name__)
 
 
 class DataSource(Protocol):
@@ -391,9 +394,9 @@ class Trainer:
         record = {"epoch": epoch, "step": self.state.step, "split": "valid", "auc": auc, "auc_sum": auc_sum}
         ctx.logger.log(record)
         self.result.valid.append(record)
-        if ctx.rank == 0 and ctx.verbose:
+        if ctx.verbose:
             shown = ", ".join(f"{t} {v:.4f}" if v is not None else f"{t} n/a" for t, v in auc.items())
-            print(f"epoch {epoch}: valid AUC {shown} (sum {auc_sum:.4f})", file=sys.stderr)
+            log.info("epoch %s: valid AUC %s (sum %.4f)", epoch, shown, auc_sum)
         return record
 
     def _relabel(self) -> list[int]:
@@ -412,8 +415,8 @@ class Trainer:
                             em_assign, group=ctx.group)
         finally:
             model.train()
-        if ctx.rank == 0 and ctx.verbose:
-            print(f"EM re-labelling: cluster sizes {dict(zip(ctx.cfg.task_names, sizes))}", file=sys.stderr)
+        if ctx.verbose:
+            log.info("EM re-labelling: cluster sizes %s", dict(zip(ctx.cfg.task_names, sizes)))
         return sizes
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -21,7 +21,6 @@ Run folder (``cfg.out_dir``)::
 from __future__ import annotations
 
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
 from mptrec.data_loaders.layout import read_schema, verify_shard_files
 from mptrec.data_loaders.schema import DataError, FeatureSpec
 from mptrec.data_loaders.validate import validate_dataset
+from mptrec.logs import get_logger
 from mptrec.pipeline.build import build_from_config, make_dataset, resolve_run_features
 from mptrec.pipeline.checkpoint import (
     CheckpointError,
@@ -52,6 +52,8 @@ from mptrec.pipeline.train.metrics_log import MetricsLogger
 from mptrec.pipeline.train.wrapper import TrainWrapper
 
 __all__ = ["ShardData", "check_data", "count_batches", "pretrain"]
+
+log = get_logger(__name__)
 
 
 def count_batches(ds: ShardDataset, epoch: int, num_workers: int) -> int:
@@ -249,9 +251,8 @@ def _train(cfg: RunConfig, run_dir: Path, sharded: Any, features: list[FeatureSp
            on_step: Callable[[int, Mapping[str, torch.Tensor]], None] | None) -> TrainResult:
     if rank == 0:
         (run_dir / "plan.txt").write_text(sharded.plan_text)
-        if verbose:
-            print(f"sharding plan ({world} process(es), {device.type}):\n{sharded.plan_text}",
-                  file=sys.stderr)
+    if verbose:
+        log.info("sharding plan (%d process(es), %s):\n%s", world, device.type, sharded.plan_text)
     identity = checkpoint_meta(cfg.model.name, features, cfg.task_names,
                                backbone_state_dict(sharded.dmp, "model."))
     state, logger = _resume(cfg, run_dir, resume, sharded, identity, em_store, rank, verbose, group)
@@ -270,16 +271,15 @@ def _resume(cfg: RunConfig, run_dir: Path, resume: bool, sharded: Any, identity:
             group: dist.ProcessGroup | None) -> tuple[TrainState, MetricsLogger]:
     logger = MetricsLogger(run_dir, enabled=rank == 0)
     path, skipped = latest_complete_checkpoint(run_dir) if resume else (None, [])
-    if rank == 0 and verbose:
+    if verbose:
         for note in skipped:
-            print(f"--resume: {note}", file=sys.stderr)
+            log.info("--resume: %s", note)
     if path is None and skipped:
         raise CheckpointError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} ("
                               + "; ".join(skipped) + ")")
     if path is None:
-        if resume and rank == 0 and verbose:
-            print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from scratch",
-                  file=sys.stderr)
+        if resume and verbose:
+            log.info("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
         return TrainState(), logger
     loaded = load_checkpoint(path, module=sharded.dmp, prefix="model.", optimizer=sharded.optimizer,
                              identity=identity, group=group)
@@ -288,8 +288,8 @@ def _resume(cfg: RunConfig, run_dir: Path, resume: bool, sharded: Any, identity:
             raise CheckpointError(f"{path}: no em_labels.pt, but {cfg.model.name} trains on EM labels")
         em_store.load_state_dict(loaded.em_labels)
     logger.truncate_after(loaded.state.step)
-    if rank == 0 and verbose:
+    if verbose:
         notes = "".join(f"\n  note: {n}" for n in loaded.notes)
-        print(f"resumed from {path} (step {loaded.state.step}, epoch {loaded.state.epoch + 1}, "
-              f"{loaded.state.batches_in_epoch} batches into it){notes}", file=sys.stderr)
+        log.info("resumed from %s (step %d, epoch %d, %d batches into it)%s", path, loaded.state.step,
+                 loaded.state.epoch + 1, loaded.state.batches_in_epoch, notes)
     return loaded.state, logger
