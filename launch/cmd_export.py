@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from mptrec.data_loaders.schema import DataError
-    from mptrec.pipeline.checkpoint import CheckpointError
+    from mptrec.pipeline.checkpoint_files import CheckpointError
     from mptrec.pipeline.serve.export import export_run
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mptrec.data_loaders.schema import DataError
     from mptrec.launch.dist import init_distributed, teardown
     from mptrec.logs import get_logger
-    from mptrec.pipeline.checkpoint import CheckpointError
+    from mptrec.pipeline.checkpoint_files import CheckpointError
     from mptrec.pipeline.config import load_config
     from mptrec.pipeline.sharding import ShardingError
     from mptrec.pipeline.strict import ConfigError

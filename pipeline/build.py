@@ -12,12 +12,13 @@ which is what an unsharded EBC built on a real device uses. On the meta device n
 allocated; ``DistributedModelParallel`` materialises each *local shard* and calls ``init_fn``
 on it with the global RNG, so the values would depend on the plan and the world size. The
 pipeline therefore re-initialises every table after sharding with plan-independent N(0, 1)
-values (:func:`mptrec.pipeline.sharding.init_embedding_tables`, seeded by ``train.seed``).
+values (:func:`mptrec.pipeline.table_init.init_embedding_tables`, seeded by ``train.seed``).
 The dense layers are built under ``torch.manual_seed(train.seed)``: the same on every rank.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,15 +37,26 @@ if TYPE_CHECKING:
     from mptrec.data_loaders.dataset import ShardDataset
 
 __all__ = [
+    "TABLE_KEY",
     "build_ebc",
     "build_from_config",
     "check_label",
     "embedding_bag_configs",
     "make_dataset",
     "resolve_run_features",
+    "table_name",
 ]
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+#: a table's weight in a state dict (group 1: the table's name), whatever wraps the EBC
+TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.(t_.+)\.weight$")
+
+
+def table_name(feature: str) -> str:
+    """Name of the embedding table of a sparse feature (one table per feature)."""
+    return f"t_{feature}"
 
 
 def embedding_bag_configs(features: Sequence[FeatureSpec]) -> list[EmbeddingBagConfig]:
@@ -61,7 +73,7 @@ def embedding_bag_configs(features: Sequence[FeatureSpec]) -> list[EmbeddingBagC
         if f.kind != "sparse":
             continue
         out.append(EmbeddingBagConfig(
-            name=f"t_{f.name}", embedding_dim=f.embedding_dim, num_embeddings=f.num_embeddings,
+            name=table_name(f.name), embedding_dim=f.embedding_dim, num_embeddings=f.num_embeddings,
             feature_names=[f.name], pooling=_POOLING[f.pooling], init_fn=torch.nn.init.normal_,
         ))
     return out

@@ -20,10 +20,13 @@ renames it to ``step-N`` (``os.replace``), points ``best`` (a relative symlink) 
 the best so far, and deletes all but the last ``train.keep_last`` checkpoints (never the best).
 A multi-node run needs ``out_dir`` on a shared file system.
 
-Damage: ``meta.json`` lists every file of the checkpoint with its size; :func:`verify_checkpoint`
-checks them (and the byte ranges DCP's ``.metadata`` refers to) before any load, naming a
-missing or truncated file, and ``--resume`` skips a damaged last checkpoint for the previous
-complete one (:func:`latest_complete_checkpoint`).
+Damage: ``meta.json`` lists every file of the checkpoint with its size;
+:func:`mptrec.pipeline.checkpoint_files.verify_checkpoint` checks them (and the byte ranges DCP's
+``.metadata`` refers to) before any load, naming a missing or truncated file, and ``--resume``
+skips a damaged last checkpoint for the previous complete one
+(:func:`mptrec.pipeline.checkpoint_files.latest_complete_checkpoint`). Finding, naming and
+checking checkpoint folders (no tensors) is :mod:`mptrec.pipeline.checkpoint_files`; saving and
+loading tensors is here.
 
 Loading into a different world size (resharding) is DCP's job: each rank reads the pieces of
 its own shards; tested 2 -> 1 and 1 -> 2 processes (``tests/pipeline/test_checkpoint.py``). RNG
@@ -35,9 +38,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -54,32 +55,26 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.io import atomic_write_json
+from mptrec.pipeline.checkpoint_files import (
+    FORMAT_VERSION,
+    CheckpointError,
+    check_compatible,
+    feature_identity,
+    find_checkpoints,
+    global_shape,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from mptrec.pipeline.distributed import barrier, get_rank, get_world_size
 
 __all__ = [
-    "CheckpointError",
     "TrainState",
     "backbone_state_dict",
-    "checkpoint_meta",
-    "find_checkpoints",
-    "latest_checkpoint",
-    "latest_complete_checkpoint",
     "library_versions",
     "load_backbone",
     "load_checkpoint",
-    "read_meta",
-    "resolve_checkpoint",
     "save_checkpoint",
-    "verify_checkpoint",
 ]
-
-FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A missing, incomplete or incompatible checkpoint; the message names the checkpoint."""
-
 
 @dataclass
 class TrainState:
@@ -126,13 +121,6 @@ def library_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _global_shape(value: Any) -> list[int]:
-    with warnings.catch_warnings():  # ShardedTensor.size() warns that ShardedTensor is deprecated
-        warnings.simplefilter("ignore", FutureWarning)
-        size = value.size() if callable(getattr(value, "size", None)) else value.shape
-    return [int(s) for s in size]
-
-
 def backbone_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     """The backbone's entries of ``module.state_dict()``, with ``prefix`` stripped.
 
@@ -146,58 +134,6 @@ def backbone_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     """
     sd = module.state_dict()
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def checkpoint_meta(model_name: str, features: Sequence[FeatureSpec], task_names: Sequence[str],
-                    backbone: Mapping[str, Any]) -> dict[str, Any]:
-    """The identity of a model, as compared on resume and by :func:`load_backbone`."""
-    return {
-        "model": model_name,
-        "features": [{"name": f.name, "kind": f.kind, "num_embeddings": f.num_embeddings,
-                      "embedding_dim": f.embedding_dim} for f in features],
-        "tasks": list(task_names),
-        "shapes": {k: _global_shape(v) for k, v in backbone.items()},
-    }
-
-
-def _describe(ident: Mapping[str, Any]) -> str:
-    feats = [f["name"] for f in ident.get("features", [])]
-    return f"model {ident.get('model')!r} with tasks {ident.get('tasks')} and features {feats}"
-
-
-def check_compatible(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any],
-                     *, backbone_only: bool = False) -> None:
-    """Raise :class:`CheckpointError` naming both sides when ``saved`` cannot load into ``current``.
-
-    Args:
-        path: the checkpoint (for the message).
-        saved: ``meta.json`` of the checkpoint.
-        current: :func:`checkpoint_meta` of the model being loaded into.
-        backbone_only: the current model may hold extra keys (new-task heads); tasks may differ.
-    """
-    problems = []
-    if saved.get("model") != current.get("model"):
-        problems.append(f"model {saved.get('model')!r} != {current.get('model')!r}")
-    if saved.get("features") != current.get("features"):
-        problems.append("features (names, vocabulary sizes or widths) differ")
-    if not backbone_only and saved.get("tasks") != current.get("tasks"):
-        problems.append(f"tasks {saved.get('tasks')} != {current.get('tasks')}")
-    s_shapes, c_shapes = saved.get("shapes", {}), current.get("shapes", {})
-    missing = sorted(set(s_shapes) - set(c_shapes))
-    extra = sorted(set(c_shapes) - set(s_shapes))
-    if missing:
-        problems.append(f"keys missing from the model: {missing[:5]}")
-    if extra and not backbone_only:
-        problems.append(f"keys not in the checkpoint: {extra[:5]}")
-    bad = [k for k in set(s_shapes) & set(c_shapes) if list(s_shapes[k]) != list(c_shapes[k])]
-    if bad:
-        k = sorted(bad)[0]
-        problems.append(f"shape of {k!r}: {s_shapes[k]} in the checkpoint, {c_shapes[k]} in the model")
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit: it holds {_describe(saved)}; this run builds "
-            f"{_describe(current)}: " + "; ".join(problems)
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,128 +167,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Finding checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def find_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints (``meta.json`` present) of a run, by step."""
-    root = Path(run_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and not p.is_symlink() and (p / "meta.json").is_file():
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint with the highest step, or None."""
-    found = find_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def resolve_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] = "best") -> Path:
-    """``best``, ``last``, a name under ``RUN/checkpoints`` (``step-000123``) or a path -> folder.
-
-    Raises:
-        CheckpointError: no such complete checkpoint (the message lists the available ones).
-    """
-    root = Path(run_dir) / "checkpoints"
-    name = str(checkpoint)
-    path: Path | None
-    if name == "last":
-        path = latest_checkpoint(run_dir)
-    elif (root / name).exists():
-        path = root / name
-    else:
-        path = Path(name)
-    if path is None or not (path / "meta.json").is_file():
-        have = [p.name for _, p in find_checkpoints(run_dir)] + (["best"] if (root / "best").exists() else [])
-        raise CheckpointError(f"checkpoint {name!r} of run {run_dir} not found or incomplete "
-                              f"(no meta.json); available: {have or 'none'}")
-    return path
-
-
-def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``meta.json`` of a checkpoint folder."""
-    p = Path(path) / "meta.json"
-    try:
-        meta: dict[str, Any] = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{p}: missing; {path} is not a complete checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON: {e}") from e
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-    return meta
-
-
-def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check that a checkpoint folder is whole before loading it; return its ``meta.json``.
-
-    Checks every file listed in ``meta.json`` ``files`` (written with its size when the
-    checkpoint was saved) is present with that size, and that every byte range DCP's
-    ``.metadata`` refers to lies inside an existing file (also for checkpoints written before
-    ``files`` was recorded).
-
-    Raises:
-        CheckpointError: naming the missing, truncated or unreadable file.
-    """
-    ckpt = Path(path)
-    meta = read_meta(ckpt)
-    files = meta.get("files")
-    if isinstance(files, dict):
-        for rel, size in files.items():
-            f = ckpt / rel
-            if not f.is_file():
-                raise CheckpointError(f"{f}: missing (listed in {ckpt / 'meta.json'}); the checkpoint is "
-                                      "incomplete")
-            if f.stat().st_size != size:
-                raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {ckpt / 'meta.json'} records {size} "
-                                      "(truncated or damaged)")
-    if not (ckpt / ".metadata").is_file():
-        raise CheckpointError(f"{ckpt / '.metadata'}: missing; {ckpt} is not a complete DCP checkpoint")
-    try:
-        storage = dcp.FileSystemReader(str(ckpt)).read_metadata().storage_data
-    except Exception as e:  # noqa: BLE001 - any unpickling error means a damaged file
-        raise CheckpointError(f"{ckpt / '.metadata'}: unreadable ({type(e).__name__}: {e})") from e
-    sizes: dict[str, int] = {}
-    for info in (storage or {}).values():
-        rel = getattr(info, "relative_path", None)
-        if rel is None:
-            continue
-        if rel not in sizes:
-            f = ckpt / rel
-            if not f.is_file():
-                raise CheckpointError(f"{f}: missing (a shard file named by {ckpt / '.metadata'})")
-            sizes[rel] = f.stat().st_size
-        end = int(info.offset) + int(info.length)
-        if end > sizes[rel]:
-            raise CheckpointError(f"{ckpt / rel}: {sizes[rel]} bytes, but {ckpt / '.metadata'} reads up to "
-                                  f"byte {end} (truncated)")
-    return meta
-
-
-def latest_complete_checkpoint(run_dir: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that passes :func:`verify_checkpoint`, and why newer ones were skipped.
-
-    ``--resume`` uses it: a damaged last checkpoint (a truncated or missing file) is skipped,
-    named in the returned notes, and the run resumes from the previous complete one.
-    """
-    notes: list[str] = []
-    for _, path in reversed(find_checkpoints(run_dir)):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            notes.append(f"skipped damaged checkpoint {path.name}: {e}")
-            continue
-        return path, notes
-    return None, notes
-
-
-# --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
 
@@ -381,7 +195,7 @@ def save_checkpoint(
         prefix: where the backbone sits in ``module``'s keys (``"model."`` for a TrainWrapper).
         optimizer: a KeyedOptimizer (``CombinedOptimizer``) with a keyed ``state_dict()``.
         state: the train state to record.
-        identity: :func:`checkpoint_meta` of the model.
+        identity: :func:`~mptrec.pipeline.checkpoint_files.checkpoint_meta` of the model.
         em_labels: ``EMLabelStore.state_dict()`` or None.
         config: the resolved run config (JSON-able).
         plan_text: the sharding plan.
@@ -498,7 +312,7 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Restore model, optimizers, train state, EM labels and (same world size) RNG states.
 
-    Collective. Checks the checkpoint's model identity first (:func:`check_compatible`).
+    Collective. Checks the checkpoint's model identity first (:func:`~mptrec.pipeline.checkpoint_files.check_compatible`).
 
     Args:
         path: checkpoint folder.
@@ -506,7 +320,7 @@ def load_checkpoint(
         prefix: where the backbone sits in ``module``'s keys.
         optimizer: the ``CombinedOptimizer`` to restore; the lazy states of its non-fused parts
             (Adam, ...) are created first (``init_state``) so that DCP can load into them.
-        identity: :func:`checkpoint_meta` of the current model.
+        identity: :func:`~mptrec.pipeline.checkpoint_files.checkpoint_meta` of the current model.
         restore_rng: restore this rank's RNG states when the world size is unchanged.
         group: process group.
 
@@ -584,11 +398,9 @@ def load_backbone(
     target = model.state_dict()
     wanted = {k: target.get(prefix + k) for k in meta["shapes"]}
     current = {"model": model_name if model_name is not None else meta["model"],
-               "features": ([{"name": f.name, "kind": f.kind, "num_embeddings": f.num_embeddings,
-                              "embedding_dim": f.embedding_dim} for f in features]
-                            if features is not None else meta["features"]),
+               "features": feature_identity(features) if features is not None else meta["features"],
                "tasks": meta["tasks"],
-               "shapes": {k: _global_shape(v) for k, v in wanted.items() if v is not None}}
+               "shapes": {k: global_shape(v) for k, v in wanted.items() if v is not None}}
     check_compatible(path, meta, current, backbone_only=True)
     sd = {"model": wanted}
     _dcp_load(sd, path, group)

@@ -81,12 +81,12 @@ def load_run_config(run_dir: str | os.PathLike[str]) -> RunConfig:
 def resolve_run_checkpoint(run_dir: str | os.PathLike[str], checkpoint: str) -> Path:
     """Turn ``best``, ``last``, ``step-000123`` or a path into a complete checkpoint folder.
 
-    :func:`mptrec.pipeline.checkpoint.resolve_checkpoint` with a :class:`RunDirError`.
+    :func:`mptrec.pipeline.checkpoint_files.resolve_checkpoint` with a :class:`RunDirError`.
 
     Raises:
         RunDirError: no such complete checkpoint; the message lists the available ones.
     """
-    from mptrec.pipeline.checkpoint import CheckpointError, resolve_checkpoint
+    from mptrec.pipeline.checkpoint_files import CheckpointError, resolve_checkpoint
 
     try:
         return resolve_checkpoint(run_dir, checkpoint)

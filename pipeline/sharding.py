@@ -22,9 +22,8 @@ single-device module holding ``EmbeddingBagCollection`` s (built on the meta dev
   the embedding optimizer as a third, non-fused ``KeyedOptimizerWrapper`` (``dp_tables``).
 - **Table initialisation.** DMP initialises each local shard with the table's ``init_fn`` on
   the process's global RNG, so the values depend on the plan and the world size. After
-  sharding, :func:`init_embedding_tables` overwrites every table with N(0, 1) values (spec
-  Eq. 1: PyTorch's default embedding initialisation) drawn from per-(table, row block)
-  generators seeded from ``train.seed``: the same logical table on any plan and world size.
+  sharding, :func:`mptrec.pipeline.table_init.init_embedding_tables` overwrites every table
+  with plan-independent values.
 
 Example (one process; see ``tests/pipeline/test_sharding.py``)::
 
@@ -36,10 +35,8 @@ Example (one process; see ``tests/pipeline/test_sharding.py``)::
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +44,6 @@ import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -67,7 +63,9 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.pipeline.build import TABLE_KEY, table_name
 from mptrec.pipeline.config import ShardingConfig, TrainConfig
+from mptrec.pipeline.table_init import init_embedding_tables
 
 __all__ = [
     "CPU_SHARDING_TYPES",
@@ -78,11 +76,9 @@ __all__ = [
     "all_data_parallel",
     "check_embedding_widths",
     "embedding_optimizer",
-    "init_embedding_tables",
     "plan_sharding",
     "plan_to_text",
     "shard_model",
-    "table_name",
     "unwrap_dmp",
 ]
 
@@ -95,8 +91,6 @@ EMBEDDING_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": trec_optim.Adam,
 }
 _CUDA_ONLY_OPTIMIZERS = ("adam",)
-_INIT_BLOCK_ROWS = 4096
-_TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.(t_.+)\.weight$")
 
 
 class _DropCachingNotice(logging.Filter):
@@ -114,11 +108,6 @@ logging.getLogger("torchrec.distributed.utils").addFilter(_DropCachingNotice())
 
 class ShardingError(ValueError):
     """The tables cannot be sharded as configured; the message names the feature or the setting."""
-
-
-def table_name(feature: str) -> str:
-    """Name of the embedding table of a sparse feature (one table per feature)."""
-    return f"t_{feature}"
 
 
 @dataclass
@@ -415,7 +404,7 @@ def shard_model(
         plain = dict(in_backward_optimizer_filter(dmp.named_parameters()))
         # data_parallel tables (dense kernel) are plain replicated parameters that DMP leaves to
         # the caller's optimizer: give them the embedding optimizer, not the dense Adam
-        dp_tables = {k: v for k, v in plain.items() if _TABLE_KEY.search(k)}
+        dp_tables = {k: v for k, v in plain.items() if TABLE_KEY.search(k)}
         dense_params = {k: v for k, v in plain.items() if k not in dp_tables}
         # fused Adam: one kernel for every parameter (foreach Adam's update rule, to float rounding)
         dense = KeyedOptimizerWrapper(dense_params, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True))
@@ -427,71 +416,3 @@ def shard_model(
         optimizer = CombinedOptimizer(parts)
     return ShardedModel(dmp=dmp, optimizer=optimizer, dense_optimizer=dense, plan=plan,
                         plan_text=plan_to_text(plan))
-
-
-# --------------------------------------------------------------------------------------------
-# Plan-independent table initialisation
-# --------------------------------------------------------------------------------------------
-
-
-def _block_seed(seed: int, table: str, block: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{table}/{block}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def table_init_values(seed: int, table: str, rows: tuple[int, int], cols: tuple[int, int],
-                      embedding_dim: int) -> torch.Tensor:
-    """N(0, 1) values of ``table[rows[0]:rows[1], cols[0]:cols[1]]``, independent of the plan.
-
-    Rows are drawn in blocks of 4096 from generators seeded by (seed, table, block), so any
-    shard of the table gets the values the whole table would have.
-    """
-    r0, r1 = rows
-    c0, c1 = cols
-    out = torch.empty(r1 - r0, c1 - c0)
-    first, last = r0 // _INIT_BLOCK_ROWS, (max(r1, r0 + 1) - 1) // _INIT_BLOCK_ROWS
-    for block in range(first, last + 1):
-        b0 = block * _INIT_BLOCK_ROWS
-        g = torch.Generator().manual_seed(_block_seed(seed, table, block))
-        values = torch.randn(_INIT_BLOCK_ROWS, embedding_dim, generator=g)
-        lo, hi = max(r0, b0), min(r1, b0 + _INIT_BLOCK_ROWS)
-        if hi > lo:
-            out[lo - r0:hi - r0] = values[lo - b0:hi - b0, c0:c1]
-    return out
-
-
-def _local_pieces(value: Any) -> Iterable[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]:
-    if isinstance(value, ShardedTensor):
-        for shard in value.local_shards():
-            (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            yield shard.tensor, (r0, r0 + nr), (c0, c0 + nc)
-    elif isinstance(value, torch.Tensor) and value.dim() == 2:
-        yield value, (0, value.shape[0]), (0, value.shape[1])
-    else:
-        raise ShardingError(f"unexpected embedding table state of type {type(value).__name__}")
-
-
-def init_embedding_tables(module: nn.Module, features: Sequence[FeatureSpec], seed: int,
-                          std: float = 1.0) -> None:
-    """Overwrite every ``t_<feature>`` table with plan-independent N(0, std^2) values.
-
-    Works on a DMP (sharded tables: each rank fills its local shards) or a plain module.
-    """
-    dims = {table_name(f.name): f.embedding_dim for f in features if f.kind == "sparse"}
-    state = module.state_dict()
-    touched = {}
-    with torch.no_grad():
-        for key, value in state.items():
-            m = _TABLE_KEY.search(key)
-            if not m or m.group(1) not in dims:
-                continue
-            table = m.group(1)
-            for tensor, rows, cols in _local_pieces(value):
-                values = std * table_init_values(seed, table, rows, cols, dims[table])
-                tensor.copy_(values.to(tensor.device, tensor.dtype))
-            touched[key] = value
-    missing = sorted(set(dims) - {_TABLE_KEY.search(k).group(1) for k in touched})  # type: ignore[union-attr]
-    if missing:
-        raise ShardingError(f"tables {missing} were not found in the model's state dict")
-    # through the module's load hooks, so kernels that cache rows see the new values
-    module.load_state_dict(touched, strict=False)

@@ -8,7 +8,8 @@ core; ``train/`` the core and eval (validation); ``tasks/`` the core, eval and t
 log, the loop's result); ``serve/`` the core, eval and tasks. Job modules (what a ``mptrec``
 command runs) are imported by no pipeline module; ``eval/evaluate_run.py`` (``mptrec eval``) is
 the one job above its layer: it scores the union of a run's tasks (``tasks/union.py``). The
-serving path ``serve/artifact.py`` + ``serve/predict.py`` imports no training code at all.
+serving path ``serve/artifact.py`` + ``serve/shard_inputs.py`` + ``serve/predict.py`` imports no
+training code at all.
 
 Modules started by name (``python -m MODULE``, torchrun's ``-m MODULE``, torchx's ``m=``) are
 dependencies the imports do not show: each must exist, run under ``__main__``, and respect the
@@ -49,7 +50,8 @@ JOBS = {
     "mptrec.pipeline.serve.predict",
 }
 # the torch-only serving path: these mptrec modules and nothing else of mptrec
-SERVING_PATH = {"mptrec.pipeline.serve.artifact", "mptrec.pipeline.serve.predict"}
+SERVING_PATH = {"mptrec.pipeline.serve.artifact", "mptrec.pipeline.serve.shard_inputs",
+                "mptrec.pipeline.serve.predict"}
 # the only modules that may import torchrec.distributed
 TORCHREC_DISTRIBUTED = {"mptrec.pipeline.sharding", "mptrec.pipeline.train.loop"}  # loop: the train pipeline
 

@@ -23,10 +23,8 @@ The program's signature (inputs in the manifest's ``features.sparse`` order)::
 It is the KeyedJaggedTensor's values and lengths cut per key. Single-valued features have
 ``N_f == B`` and lengths of ones (the program reads their ids directly).
 
-Shards are read the way :class:`mptrec.data_loaders.dataset.ShardDataset` reads them: the split's
-row groups in ``schema.json`` file order, dealt round-robin over the scoring processes, each
-row's ``sample_id`` being its index within the split. Bad input raises :class:`ArtifactError`
-whose one-line message names the file, the field and the value.
+Shards become the program's inputs in :mod:`mptrec.pipeline.serve.shard_inputs`. Bad input
+raises :class:`ArtifactError` whose one-line message names the file, the field and the value.
 """
 
 from __future__ import annotations
@@ -40,11 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 __all__ = [
@@ -56,14 +49,11 @@ __all__ = [
     "ArtifactError",
     "Manifest",
     "SparseInput",
-    "Unit",
-    "check_shards",
     "load_artifact",
     "parse_manifest",
     "read_manifest",
+    "require_field",
     "schema_digest",
-    "split_units",
-    "table_inputs",
     "vocab_digest",
 ]
 
@@ -135,7 +125,8 @@ class Manifest:
     raw: dict[str, Any]
 
 
-def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def require_field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """``obj[key]`` when it is a ``kind``, else an :class:`ArtifactError` naming ``where`` and the key."""
     value = obj.get(key)
     if not isinstance(value, kind):
         what = getattr(kind, "__name__", kind)
@@ -177,26 +168,27 @@ def parse_manifest(raw: Any, path: Path) -> Manifest:
             f"{path}: field 'format_version' is {raw.get('format_version')!r}; this mptrec reads format "
             f"version {FORMAT_VERSION}: re-export the run with this version (`mptrec export`)"
         )
-    tasks = [str(_field(t, "name", str, where)) for t in _field(raw, "tasks", list, where)]
-    feats = _field(raw, "features", dict, where)
-    dense = [str(_field(f, "column", str, where)) for f in _field(feats, "dense", list, where)]
+    tasks = [str(require_field(t, "name", str, where)) for t in require_field(raw, "tasks", list, where)]
+    feats = require_field(raw, "features", dict, where)
+    dense = [str(require_field(f, "column", str, where)) for f in require_field(feats, "dense", list, where)]
     sparse = []
-    for f in _field(feats, "sparse", list, where):
+    for f in require_field(feats, "sparse", list, where):
         sparse.append(SparseInput(
-            name=_field(f, "name", str, where), column=_field(f, "column", str, where),
-            num_embeddings=int(_field(f, "num_embeddings", int, where)),
-            embedding_dim=int(_field(f, "embedding_dim", int, where)),
-            multivalent=bool(_field(f, "multivalent", bool, where)),
-            pooling=_field(f, "pooling", str, where)))
-    oov = _field(raw, "oov_policy", str, where)
+            name=require_field(f, "name", str, where), column=require_field(f, "column", str, where),
+            num_embeddings=int(require_field(f, "num_embeddings", int, where)),
+            embedding_dim=int(require_field(f, "embedding_dim", int, where)),
+            multivalent=bool(require_field(f, "multivalent", bool, where)),
+            pooling=require_field(f, "pooling", str, where)))
+    oov = require_field(raw, "oov_policy", str, where)
     if oov not in _OOV:
         raise ArtifactError(f"{path}: field 'oov_policy' is {oov!r}, expected one of {list(_OOV)}")
     vocab = raw.get("vocab_sha256")
     if vocab is not None and not isinstance(vocab, str):
         raise ArtifactError(f"{path}: field 'vocab_sha256' is {vocab!r}, expected a string or null")
     return Manifest(path=path, tasks=tasks, dense=dense, sparse=sparse, oov_policy=oov,
-                    schema_features=list(_field(raw, "schema_features", list, where)),
-                    schema_sha256=str(_field(raw, "schema_sha256", str, where)), vocab_sha256=vocab, raw=raw)
+                    schema_features=list(require_field(raw, "schema_features", list, where)),
+                    schema_sha256=str(require_field(raw, "schema_sha256", str, where)), vocab_sha256=vocab,
+                    raw=raw)
 
 
 def schema_digest(entries: Sequence[Mapping[str, Any]]) -> str:
@@ -219,205 +211,6 @@ def vocab_digest(data_dir: str | os.PathLike[str], schema: Mapping[str, Any]) ->
         raise ArtifactError(f"{Path(data_dir) / 'schema.json'}: field 'vocab_file' names {path}, "
                             "which does not exist")
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# Shards
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One row group to score: shard file, row group, ``sample_id`` of its first row, rows."""
-
-    file: Path
-    row_group: int
-    first_row: int
-    rows: int
-
-
-def _read_schema(data_dir: Path) -> dict[str, Any]:
-    path = data_dir / "schema.json"
-    if not data_dir.is_dir():
-        raise ArtifactError(f"{data_dir}: no such shard folder")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; {data_dir} is not a shard folder written by `mptrec data`")
-    try:
-        schema = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(schema, dict):
-        raise ArtifactError(f"{path}: the top level is not an object")
-    _field(schema, "features", list, str(path))
-    _field(schema, "splits", dict, str(path))
-    return schema
-
-
-def check_shards(manifest: Manifest, data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check that the shards' ``schema.json`` declares the model's inputs as the training data did.
-
-    Args:
-        manifest: the artifact's manifest.
-        data_dir: the shard folder (with ``schema.json``).
-
-    Returns:
-        The shards' schema.
-
-    Raises:
-        ArtifactError: naming ``schema.json``, the feature, the field and both values.
-    """
-    root = Path(data_dir)
-    schema = _read_schema(root)
-    path = root / "schema.json"
-    declared = {f.get("name"): f for f in schema["features"] if isinstance(f, dict)}
-    for want in manifest.schema_features:
-        name = want.get("name")
-        have = declared.get(name)
-        if have is None:
-            raise ArtifactError(f"{path}: feature {name!r}, an input of the model, is not declared "
-                                f"(model manifest {manifest.path})")
-        have = {"column": name, "multivalent": False, **have}
-        for key in SCHEMA_KEYS:
-            if have.get(key) != want.get(key):
-                raise ArtifactError(f"{path}: feature {name!r} field {key!r} is {have.get(key)!r}, the model "
-                                    f"was trained with {want.get(key)!r} ({manifest.path})")
-    vocab = vocab_digest(root, schema)
-    if vocab != manifest.vocab_sha256:
-        raise ArtifactError(f"{path}: vocabulary file sha256 {str(vocab)[:12]}... differs from the training "
-                            f"data's {str(manifest.vocab_sha256)[:12]}... ({manifest.path}): the ids mean "
-                            "other values")
-    return schema
-
-
-def _type_ok(t: pa.DataType, kind: str) -> bool:
-    if kind == "multi":
-        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-    if kind == "dense":
-        return bool(pa.types.is_floating(t))
-    return bool(pa.types.is_integer(t))
-
-
-def input_columns(manifest: Manifest) -> dict[str, str]:
-    """Column -> expected kind (``dense``, ``int`` or ``multi``) of the program's inputs."""
-    out = {c: "dense" for c in manifest.dense}
-    out.update({f.column: "multi" if f.multivalent else "int" for f in manifest.sparse})
-    return out
-
-
-def split_units(manifest: Manifest, data_dir: str | os.PathLike[str], split: str,
-                schema: Mapping[str, Any]) -> list[Unit]:
-    """Every row group of ``split`` (file order), each shard's footer checked against the manifest.
-
-    Raises:
-        ArtifactError: no such split, a missing or unreadable shard, a row count that differs
-            from ``schema.json``, a missing column or one of the wrong type.
-    """
-    root = Path(data_dir)
-    splits = schema["splits"]
-    if split not in splits:
-        raise ArtifactError(f"{root / 'schema.json'}: no split {split!r} (splits: {sorted(splits)})")
-    spec = splits[split]
-    files, rows = spec.get("files", []), spec.get("rows", [])
-    if not isinstance(files, list) or not isinstance(rows, list) or len(files) != len(rows):
-        raise ArtifactError(f"{root / 'schema.json'}: split {split!r} needs lists 'files' and 'rows' "
-                            "of one length")
-    wanted = input_columns(manifest)
-    units: list[Unit] = []
-    first = 0
-    for name, expected in zip(files, rows):
-        path = root / str(name)
-        try:
-            meta = pq.ParquetFile(path).metadata
-            arrow_schema = meta.schema.to_arrow_schema()
-        except (OSError, pa.ArrowException) as e:
-            raise ArtifactError(f"{path}: missing or unreadable Parquet shard: {e}") from e
-        if meta.num_rows != int(expected):
-            raise ArtifactError(f"{path}: holds {meta.num_rows} rows, schema.json says {expected}")
-        for col, kind in wanted.items():
-            if col not in arrow_schema.names:
-                raise ArtifactError(f"{path}: column {col!r}, an input of the model, is missing")
-            t = arrow_schema.field(col).type
-            if not _type_ok(t, kind):
-                want = {"multi": "list<int64>", "dense": "float", "int": "int64"}[kind]
-                raise ArtifactError(f"{path}: column {col!r} has type {t}, the model expects {want}")
-        row = first
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
-            if n:
-                units.append(Unit(path, rg, row, n))
-            row += n
-        first += int(expected)
-    return units
-
-
-def _numpy(col: pa.ChunkedArray | pa.Array) -> npt.NDArray[Any]:
-    return np.asarray(col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array) else col.to_numpy())
-
-
-def _fix_ids(ids: npt.NDArray[np.int64], f: SparseInput, policy: str, where: str) -> npt.NDArray[np.int64]:
-    if ids.size == 0:
-        return ids
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo >= 0 and hi < f.num_embeddings:
-        return ids
-    if policy == "hash":
-        return np.mod(ids, f.num_embeddings)
-    if policy == "clip":
-        return np.clip(ids, 0, f.num_embeddings - 1)
-    bad = hi if hi >= f.num_embeddings else lo
-    raise ArtifactError(f"{where}: column {f.column!r}: id {bad} outside [0, {f.num_embeddings}) "
-                        f"(the run's oov_policy is 'error')")
-
-
-def table_inputs(manifest: Manifest, table: Any, where: str) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                                          list[torch.Tensor]]:
-    """The program's inputs for the rows of ``table`` (a ``pyarrow.Table`` or ``RecordBatch``).
-
-    Args:
-        manifest: the artifact's manifest.
-        table: the rows (at least the input columns).
-        where: location for messages (file and row group).
-
-    Returns:
-        ``(dense (B, D_dense), values per sparse feature, lengths per sparse feature)``.
-
-    Raises:
-        ArtifactError: a null, a NaN/inf in a dense column, an id out of range under ``error``.
-    """
-    n = table.num_rows
-    dense = np.empty((n, len(manifest.dense)), dtype=np.float32)
-    for j, c in enumerate(manifest.dense):
-        col = table.column(c)
-        if col.null_count:
-            raise ArtifactError(f"{where}: column {c!r}: {col.null_count} null value(s)")
-        dense[:, j] = _numpy(col)
-    if not np.isfinite(dense).all():
-        i, j = np.argwhere(~np.isfinite(dense))[0]
-        raise ArtifactError(f"{where}: dense column {manifest.dense[j]!r}: {dense[i, j]} at row {i} "
-                            "(NaN/inf)")
-    values, lengths = [], []
-    for f in manifest.sparse:
-        col = table.column(f.column)
-        if col.null_count:
-            raise ArtifactError(f"{where}: column {f.column!r}: {col.null_count} null value(s)")
-        if f.multivalent:
-            lens = _numpy(pc.list_value_length(col)).astype(np.int64)
-            col = pc.list_flatten(col)
-        else:
-            lens = np.ones(n, dtype=np.int64)
-        ids = _fix_ids(_numpy(col).astype(np.int64, copy=False), f, manifest.oov_policy, where)
-        values.append(torch.from_numpy(ids if ids.flags.writeable and ids.flags.c_contiguous else ids.copy()))
-        lengths.append(torch.from_numpy(lens))
-    return torch.from_numpy(dense), values, lengths
-
-
-def read_unit(unit: Unit, columns: Sequence[str]) -> Any:
-    """The rows of one row group (only ``columns``)."""
-    try:
-        pf = pq.ParquetFile(unit.file)
-        return pf.read_row_group(unit.row_group, columns=list(columns), use_threads=False)
-    except (OSError, pa.ArrowException) as e:
-        raise ArtifactError(f"{unit.file} row group {unit.row_group}: cannot read: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,10 +239,6 @@ class Artifact:
         if missing:
             raise ArtifactError(f"{self.manifest.path}: the program returned no logits for task(s) {missing}")
         return {t: out[t] for t in self.manifest.tasks}
-
-    def score_table(self, table: Any, where: str = "table") -> dict[str, torch.Tensor]:
-        """Logits of every task for the rows of an Arrow table (see :func:`table_inputs`)."""
-        return self.logits(*table_inputs(self.manifest, table, where))
 
 
 def load_artifact(model_dir: str | os.PathLike[str]) -> Artifact:

@@ -63,6 +63,7 @@ from mptrec.io import atomic_write_json
 from mptrec.models.base import NewTaskHead
 from mptrec.pipeline.config import RunConfig, TaskSpec
 from mptrec.pipeline.serve import artifact as art
+from mptrec.pipeline.serve import shard_inputs
 from mptrec.pipeline.serve.serving_module import QUANTIZE, PooledTables, ServingModule
 
 __all__ = [
@@ -139,7 +140,7 @@ def build_serving_module(run_dir: str | os.PathLike[str], checkpoint: str = "bes
         ExportError: an unknown or untrained task in ``tasks``.
     """
     from mptrec.data_loaders.layout import read_schema
-    from mptrec.pipeline.build import build_from_config
+    from mptrec.pipeline.build import build_from_config, table_name
     from mptrec.pipeline.checkpoint import load_backbone
     from mptrec.pipeline.rundir import hash_checkpoint, load_run_config, resolve_run_checkpoint
     from mptrec.pipeline.tasks.store import load_task_store
@@ -170,7 +171,7 @@ def build_serving_module(run_dir: str | os.PathLike[str], checkpoint: str = "bes
         new[name] = head
     meta = load_backbone(run, ckpt, backbone, model_name=cfg.model.name, features=features)
     sparse = [f for f in features if f.kind == "sparse"]
-    weights = {f.name: backbone.ebc.embedding_bags[f"t_{f.name}"].weight.detach() for f in sparse}
+    weights = {f.name: backbone.ebc.embedding_bags[table_name(f.name)].weight.detach() for f in sparse}
     module = ServingModule(backbone, new, PooledTables(sparse, weights, quantize), chosen)
     sha = hash_checkpoint(ckpt)
     entries = [e for e in _task_entries(run, cfg, specs, store, heads, sha) if e["name"] in chosen]
@@ -270,17 +271,17 @@ def _manifest(b: ServingBuild, run: Path, quantize: str | None, table_bytes: int
 def _score_split(manifest: art.Manifest, modules: Sequence[nn.Module], data_dir: str, split: str,
                  tasks: Sequence[Mapping[str, Any]], max_rows: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Labels (n, T) and each module's logits (n, T) on the first ``max_rows`` rows of a split."""
-    schema = art.check_shards(manifest, data_dir)
-    units = art.split_units(manifest, data_dir, split, schema)
-    cols = list(art.input_columns(manifest)) + sorted({t["label"]["column"] for t in tasks})
+    schema = shard_inputs.check_shards(manifest, data_dir)
+    units = shard_inputs.split_units(manifest, data_dir, split, schema)
+    cols = list(shard_inputs.input_columns(manifest)) + sorted({t["label"]["column"] for t in tasks})
     labels: list[np.ndarray] = []
     logits: list[list[np.ndarray]] = [[] for _ in modules]
     n = 0
     for u in units:
         if max_rows and n >= max_rows:
             break
-        table = art.read_unit(u, cols)
-        inputs = art.table_inputs(manifest, table, f"{u.file} row group {u.row_group}")
+        table = shard_inputs.read_unit(u, cols)
+        inputs = shard_inputs.table_inputs(manifest, table, f"{u.file} row group {u.row_group}")
         y = []
         for t in tasks:
             raw = np.asarray(table.column(t["label"]["column"]).to_numpy())

@@ -36,15 +36,11 @@ import torch
 from tqdm import tqdm
 
 from mptrec.io import atomic_write
-from mptrec.pipeline.serve.artifact import (
-    Artifact,
-    ArtifactError,
-    Manifest,
+from mptrec.pipeline.serve.artifact import Artifact, ArtifactError, Manifest, load_artifact, read_manifest
+from mptrec.pipeline.serve.shard_inputs import (
     Unit,
     check_shards,
     input_columns,
-    load_artifact,
-    read_manifest,
     read_unit,
     split_units,
     table_inputs,

@@ -35,14 +35,12 @@ from mptrec.data_loaders.schema import DataError, FeatureSpec
 from mptrec.data_loaders.validate import validate_dataset
 from mptrec.logs import get_logger
 from mptrec.pipeline.build import build_from_config, make_dataset, resolve_run_features
-from mptrec.pipeline.checkpoint import (
+from mptrec.pipeline.checkpoint import TrainState, backbone_state_dict, load_checkpoint
+from mptrec.pipeline.checkpoint_files import (
     CheckpointError,
-    TrainState,
-    backbone_state_dict,
     checkpoint_meta,
     find_checkpoints,
     latest_complete_checkpoint,
-    load_checkpoint,
 )
 from mptrec.pipeline.config import RunConfig, write_resolved
 from mptrec.pipeline.sharding import shard_model

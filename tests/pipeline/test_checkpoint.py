@@ -9,13 +9,12 @@ from typing import Any
 import pytest
 import torch
 
-from mptrec.pipeline.checkpoint import (
+from mptrec.pipeline.checkpoint import TrainState, save_checkpoint
+from mptrec.pipeline.checkpoint_files import (
     CheckpointError,
-    TrainState,
     check_compatible,
     find_checkpoints,
     resolve_checkpoint,
-    save_checkpoint,
 )
 from tests.dist import run_multiprocess
 from tests.pipeline.train.test_train_data import debug_config, write_tiny_shards
@@ -120,7 +119,8 @@ def _optimizer_state(sharded: Any) -> dict[str, list[Any]]:
 
 def _save_then_predict(rank: int, world: int, data: str, run: str, load_from: str | None,
                        overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    from mptrec.pipeline.checkpoint import backbone_state_dict, checkpoint_meta, load_checkpoint
+    from mptrec.pipeline.checkpoint import backbone_state_dict, load_checkpoint
+    from mptrec.pipeline.checkpoint_files import checkpoint_meta
 
     cfg, model, features, sharded = _build(data, run, *overrides)
     ident = checkpoint_meta(cfg.model.name, features, cfg.task_names,
@@ -259,7 +259,7 @@ def _three_checkpoints(tmp_path: Path) -> list[Path]:
 
 
 def test_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path: Path) -> None:
-    from mptrec.pipeline.checkpoint import latest_complete_checkpoint, verify_checkpoint
+    from mptrec.pipeline.checkpoint_files import latest_complete_checkpoint, verify_checkpoint
 
     paths = _three_checkpoints(tmp_path)
     for p in paths:

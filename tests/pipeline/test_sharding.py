@@ -15,8 +15,8 @@ from mptrec.pipeline.sharding import (
     allowed_sharding_types,
     check_embedding_widths,
     embedding_optimizer,
-    table_init_values,
 )
+from mptrec.pipeline.table_init import table_init_values
 from tests.dist import run_multiprocess
 from tests.pipeline.train.test_train_data import debug_config, write_tiny_shards
 
@@ -76,8 +76,8 @@ def test_table_init_is_the_same_for_any_shard_of_the_table() -> None:
 def _shard_debug_model(rank: int, world_size: int, data: str, out: str,
                        overrides: list[str]) -> dict[str, Any]:
     from mptrec.data_loaders.layout import read_schema
-    from mptrec.pipeline.build import build_from_config
-    from mptrec.pipeline.sharding import shard_model, table_name
+    from mptrec.pipeline.build import build_from_config, table_name
+    from mptrec.pipeline.sharding import shard_model
 
     cfg = debug_config(Path(data), Path(out), *overrides)
     model, features = build_from_config(cfg, read_schema(cfg.data.path))
