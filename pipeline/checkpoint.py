@@ -312,7 +312,8 @@ def load_checkpoint(
 ) -> LoadedCheckpoint:
     """Restore model, optimizers, train state, EM labels and (same world size) RNG states.
 
-    Collective. Checks the checkpoint's model identity first (:func:`~mptrec.pipeline.checkpoint_files.check_compatible`).
+    Collective. Checks the checkpoint's model identity first
+    (:func:`~mptrec.pipeline.checkpoint_files.check_compatible`).
 
     Args:
         path: checkpoint folder.
