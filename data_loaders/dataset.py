@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mptrec.columns import column_type_fits
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.layout import read_schema
 from mptrec.data_loaders.packing import PackedBatches
@@ -74,14 +75,6 @@ _Pending: TypeAlias = "tuple[pa.Table, npt.NDArray[np.int64] | None]"
 
 def _num_rows(pending: Sequence[_Pending]) -> int:
     return sum(t.num_rows if order is None else int(order.shape[0]) for t, order in pending)
-
-
-def _type_ok(t: pa.DataType, kind: str) -> bool:
-    if kind == "multi":
-        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-    if kind == "dense":
-        return bool(pa.types.is_floating(t))
-    return bool(pa.types.is_integer(t))
 
 
 class ShardDataset(IterableDataset[Batch]):
@@ -250,7 +243,7 @@ class ShardDataset(IterableDataset[Batch]):
             if col not in arrow_schema.names:
                 return f"column {col!r} missing (has {arrow_schema.names})"
             t = arrow_schema.field(col).type
-            if not _type_ok(t, kind):
+            if not column_type_fits(t, kind):
                 want = {"multi": "list<int64>", "dense": "float", "int": "int64"}[kind]
                 return f"column {col!r} has type {t}, expected {want}"
         return ""

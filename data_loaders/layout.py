@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mptrec.data_loaders.schema import DataError, FeatureSpec
-from mptrec.io import atomic_write_json
+from mptrec.io import atomic_write_json, read_json
 
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
@@ -119,12 +118,8 @@ def read_schema(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
             shard file listed but absent, ...).
     """
     path = Path(data_dir) / SCHEMA_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: no schema.json (not a shard folder written by `mptrec data`)")
-    try:
-        schema = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from e
+    schema = read_json(path, DataError,
+                       f"{path}: no schema.json (not a shard folder written by `mptrec data`)")
     _require(isinstance(schema, dict), path, "top level is not an object")
     _require(
         schema.get("version") == SCHEMA_VERSION,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "read_json"]
 
 
 def _temp_path(path: Path) -> Path:
@@ -108,3 +108,33 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     """
     text = json.dumps(obj, indent=indent, **dumps_kwargs) + "\n"
     return atomic_write_text(path, text)
+
+
+def read_json(path: str | os.PathLike[str], error: Callable[[str], Exception], missing: str) -> Any:
+    """The parsed JSON file ``path``; a missing file or bad JSON raises ``error(message)``.
+
+    The one reader of the project's own JSON files (``schema.json``, ``manifest.json``): the
+    message names the file.
+
+    Args:
+        path: the file.
+        error: the exception type to raise (e.g. ``DataError``), called with the message.
+        missing: the message when the file does not exist.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> read_json(atomic_write_json(d / "a.json", {"x": 1}), ValueError, "no a.json")
+        {'x': 1}
+        >>> read_json(d / "c.json", ValueError, "no c.json")
+        Traceback (most recent call last):
+        ...
+        ValueError: no c.json
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(missing)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{p}: not valid JSON: {e}") from e

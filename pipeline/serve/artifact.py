@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from mptrec.io import read_json
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -143,12 +145,8 @@ def read_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
     path = Path(model_dir) / MANIFEST_FILE
     if not Path(model_dir).is_dir():
         raise ArtifactError(f"{model_dir}: no such artifact folder (write one with `mptrec export`)")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; {model_dir} is not an artifact written by `mptrec export`")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON: {e}") from e
+    raw = read_json(path, ArtifactError,
+                    f"{path}: missing; {model_dir} is not an artifact written by `mptrec export`")
     return parse_manifest(raw, path)
 
 

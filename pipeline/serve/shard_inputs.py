@@ -12,7 +12,6 @@ training code.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from mptrec.columns import column_type_fits
+from mptrec.io import read_json
 from mptrec.pipeline.serve.artifact import (
     SCHEMA_KEYS,
     ArtifactError,
@@ -52,12 +53,8 @@ def _read_schema(data_dir: Path) -> dict[str, Any]:
     path = data_dir / "schema.json"
     if not data_dir.is_dir():
         raise ArtifactError(f"{data_dir}: no such shard folder")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing; {data_dir} is not a shard folder written by `mptrec data`")
-    try:
-        schema = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON: {e}") from e
+    schema = read_json(path, ArtifactError,
+                       f"{path}: missing; {data_dir} is not a shard folder written by `mptrec data`")
     if not isinstance(schema, dict):
         raise ArtifactError(f"{path}: the top level is not an object")
     require_field(schema, "features", list, str(path))
@@ -101,14 +98,6 @@ def check_shards(manifest: Manifest, data_dir: str | os.PathLike[str]) -> dict[s
     return schema
 
 
-def _type_ok(t: pa.DataType, kind: str) -> bool:
-    if kind == "multi":
-        return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-    if kind == "dense":
-        return bool(pa.types.is_floating(t))
-    return bool(pa.types.is_integer(t))
-
-
 def input_columns(manifest: Manifest) -> dict[str, str]:
     """Column -> expected kind (``dense``, ``int`` or ``multi``) of the program's inputs."""
     out = {c: "dense" for c in manifest.dense}
@@ -149,7 +138,7 @@ def split_units(manifest: Manifest, data_dir: str | os.PathLike[str], split: str
             if col not in arrow_schema.names:
                 raise ArtifactError(f"{path}: column {col!r}, an input of the model, is missing")
             t = arrow_schema.field(col).type
-            if not _type_ok(t, kind):
+            if not column_type_fits(t, kind):
                 want = {"multi": "list<int64>", "dense": "float", "int": "int64"}[kind]
                 raise ArtifactError(f"{path}: column {col!r} has type {t}, the model expects {want}")
         row = first
