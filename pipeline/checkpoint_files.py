@@ -29,12 +29,14 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "check_compatible",
+    "check_resume_config",
     "checkpoint_meta",
     "feature_identity",
     "find_checkpoints",
     "global_shape",
     "latest_checkpoint",
     "latest_complete_checkpoint",
+    "optimizer_layout",
     "read_meta",
     "resolve_checkpoint",
     "verify_checkpoint",
@@ -232,4 +234,50 @@ def check_compatible(path: Path, saved: Mapping[str, Any], current: Mapping[str,
         raise CheckpointError(
             f"checkpoint {path} does not fit: it holds {_describe(saved)}; this run builds "
             f"{_describe(current)}: " + "; ".join(problems)
+        )
+
+
+
+def optimizer_layout(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a resolved run config that fix the layout of its optimizer state.
+
+    The embedding optimizer, and which tables are ``data_parallel`` (their state lives in a plain
+    optimizer, not in the fused kernels). Other sharding changes are resharding, which a resume
+    handles.
+    """
+    sharding = cfg.get("sharding") or {}
+    dp: Any = "every table" if "data_parallel" in (sharding.get("sharding_types") or ()) else sorted(
+        c.get("feature") for c in sharding.get("constraints") or ()
+        if "data_parallel" in (c.get("sharding_types") or ()))
+    return {"train.embedding_optimizer": (cfg.get("train") or {}).get("embedding_optimizer"),
+            "data_parallel tables": dp}
+
+
+def check_resume_config(path: Path, current: Mapping[str, Any]) -> None:
+    """Refuse ``--resume`` from checkpoint ``path`` when :func:`optimizer_layout` changed.
+
+    Args:
+        path: the checkpoint folder (its ``config.json`` is the config it was trained with; a
+            checkpoint without one is not checked).
+        current: the resolved config of this run (``strict.to_dict``).
+
+    Raises:
+        CheckpointError: naming each changed setting with both values.
+    """
+    saved_file = path / "config.json"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{saved_file}: unreadable ({err})") from err
+    if not saved:
+        return
+    old, new = optimizer_layout(saved), optimizer_layout(current)
+    changed = [f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in old if old[k] != new[k]]
+    if changed:
+        raise CheckpointError(
+            f"--resume: checkpoint {path} was trained with other optimizer settings ("
+            + "; ".join(changed) + "), so its optimizer state does not fit this run. Start a new "
+            "run (another out_dir, or delete this one), or resume with the checkpoint's settings"
         )

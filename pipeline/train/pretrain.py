@@ -38,12 +38,14 @@ from mptrec.pipeline.build import build_from_config, make_dataset, resolve_run_f
 from mptrec.pipeline.checkpoint import TrainState, backbone_state_dict, load_checkpoint
 from mptrec.pipeline.checkpoint_files import (
     CheckpointError,
+    check_resume_config,
     checkpoint_meta,
     find_checkpoints,
     latest_complete_checkpoint,
 )
 from mptrec.pipeline.config import RunConfig, write_resolved
 from mptrec.pipeline.sharding import shard_model
+from mptrec.pipeline.strict import to_dict
 from mptrec.pipeline.train.em import EMLabelStore
 from mptrec.pipeline.train.loop import TrainContext, Trainer, TrainResult
 from mptrec.pipeline.train.metrics_log import MetricsLogger
@@ -279,6 +281,7 @@ def _resume(cfg: RunConfig, run_dir: Path, resume: bool, sharded: Any, identity:
         if resume and verbose:
             log.info("--resume: no checkpoint in %s; starting from scratch", run_dir / "checkpoints")
         return TrainState(), logger
+    check_resume_config(path, to_dict(cfg))
     loaded = load_checkpoint(path, module=sharded.dmp, prefix="model.", optimizer=sharded.optimizer,
                              identity=identity, group=group)
     if em_store is not None:

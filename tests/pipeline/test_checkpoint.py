@@ -291,3 +291,35 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back(tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match=r"\.metadata: unreadable"):
         verify_checkpoint(paths[0])
     assert latest_complete_checkpoint(tmp_path)[0] is None
+
+
+def _layout_cfg(optimizer: str, sharding: dict[str, Any]) -> dict[str, Any]:
+    return {"train": {"embedding_optimizer": optimizer, "lr": 1e-3}, "sharding": sharding}
+
+
+def test_resume_refuses_a_checkpoint_with_another_optimizer_layout(tmp_path: Path) -> None:
+    from mptrec.pipeline.checkpoint_files import CheckpointError, check_resume_config
+
+    ckpt = tmp_path / "step-000010"
+    ckpt.mkdir()
+    fused = _layout_cfg("rowwise_adagrad", {"sharding_types": [], "constraints": []})
+    (ckpt / "config.json").write_text(json.dumps(fused))
+    check_resume_config(ckpt, fused)  # same settings: fine
+    resharded = _layout_cfg("rowwise_adagrad", {"sharding_types": ["row_wise"], "constraints": []})
+    check_resume_config(ckpt, resharded)  # resharding is not a layout change
+    lr_changed = {**fused, "train": {"embedding_optimizer": "rowwise_adagrad", "lr": 5e-3}}
+    check_resume_config(ckpt, lr_changed)
+    dp_adam = _layout_cfg("adam", {"sharding_types": ["data_parallel"], "constraints": []})
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(ckpt, dp_adam)
+    msg = str(err.value)
+    assert str(ckpt) in msg
+    assert "train.embedding_optimizer: 'rowwise_adagrad' in the checkpoint, 'adam' now" in msg
+    assert "data_parallel tables: [] in the checkpoint, 'every table' now" in msg
+    one_dp = _layout_cfg("rowwise_adagrad", {"sharding_types": [], "constraints": [
+        {"feature": "121", "sharding_types": ["data_parallel"]}]})
+    with pytest.raises(CheckpointError, match=r"data_parallel tables: \[\] in the checkpoint, \['121'\] now"):
+        check_resume_config(ckpt, one_dp)
+    (ckpt / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        check_resume_config(ckpt, fused)
