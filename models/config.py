@@ -43,6 +43,9 @@ class ModelConfig:
         tau: temperature of the new-task transfer weights (Eq. 11).
         clustering_interval: epochs between EM task re-assignments (Eq. 5); 0 disables EM.
         r_emb: L2 weight on embedding tables (see the README for the fused-kernel deviation).
+        r_emb_rows: 0: ``r_emb`` as given. N > 0: ``r_emb`` is the weight at N training rows and a
+            run on n rows uses ``r_emb * N / n``, so the term keeps the same strength against the
+            summed log-likelihood at any data size (a fixed Gaussian prior; the loss is a mean).
         r_dnn: L2 weight on expert and tower weight matrices.
         num_experts: MMoE experts.
         ple_levels: PLE extraction levels.
@@ -66,6 +69,7 @@ class ModelConfig:
     tau: float = 150.0
     clustering_interval: int = 2
     r_emb: float = 0.0
+    r_emb_rows: int = 0
     r_dnn: float = 0.0
     num_experts: int = 3
     ple_levels: int = 2
@@ -73,6 +77,21 @@ class ModelConfig:
     ple_specific_experts: int = 1
     ple_expert_hidden: tuple[int, ...] = (256,)
     ple_expert_dropout: tuple[float, ...] = ()
+
+    def effective_r_emb(self, train_rows: int) -> float:
+        """The whole-table L2 weight for a run on ``train_rows`` rows (see ``r_emb_rows``).
+
+        >>> ModelConfig(r_emb=3e-5, r_emb_rows=800_000).effective_r_emb(3_200_000)
+        7.5e-06
+        >>> ModelConfig(r_emb=3e-5).effective_r_emb(3_200_000)
+        3e-05
+        """
+        if self.r_emb_rows == 0 or self.r_emb == 0:
+            return self.r_emb
+        if train_rows < 1:
+            raise ValueError(f"model.r_emb_rows = {self.r_emb_rows} needs the training row count, "
+                             f"got {train_rows}")
+        return self.r_emb * self.r_emb_rows / train_rows
 
     def __post_init__(self) -> None:
         if not self.expert_hidden or any(h <= 0 for h in self.expert_hidden):
@@ -103,7 +122,7 @@ class ModelConfig:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.clustering_interval < 0:
             raise ValueError(f"clustering_interval must be >= 0, got {self.clustering_interval}")
-        for key in ("gan_weight", "aux_weight", "r_emb", "r_dnn"):
+        for key in ("gan_weight", "aux_weight", "r_emb", "r_dnn", "r_emb_rows"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("num_experts", "ple_levels", "ple_shared_experts", "ple_specific_experts"):

@@ -229,12 +229,17 @@ def pretrain(
     data = ShardData(cfg, features, rank, world, device)  # checks the shards' columns and types
     _validate_data(lambda: validate_dataset([data.train_ds, data.valid_ds]), rank, group)  # and values
     em_store = None
+    rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
+    used = min(rows, cfg.data.max_rows) if cfg.data.max_rows else rows
+    r_emb = cfg.model.effective_r_emb(used)
+    if verbose and r_emb != cfg.model.r_emb:
+        log.info("model.r_emb %g at %d rows (model.r_emb_rows) -> %.3g for %d training rows",
+                 cfg.model.r_emb, cfg.model.r_emb_rows, r_emb, used)
     if model.uses_em:
-        rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
         em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=device)
     wrapper = TrainWrapper(model, em_store)
     sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, device, group,
-                          batch_size=cfg.data.batch_size, r_emb=cfg.model.r_emb)
+                          batch_size=cfg.data.batch_size, r_emb=r_emb)
     run_dir, new = _prepare_run_dir(cfg, resume, rank)
     try:
         return _train(cfg, run_dir, sharded, features, wrapper, data, device, em_store, resume, rank, world,
