@@ -309,7 +309,8 @@ def aliccp(h: Harness, rows_list: Sequence[int], seed: int, validate_every: int)
         h.run([sys.executable, "-m", "mptrec.bench.planted_reference", "--data", str(data),
                "--out", str(ref)], ref, f"{tag}-planted-reference")
         rd = h.root / tag / "run"
-        h.train(rd, ALICCP, _sets(f"data.path={data}", f"train.validate_every={validate_every}",
+        every = max(1, validate_every * rows // 1_000_000)  # the same number of points per epoch
+        h.train(rd, ALICCP, _sets(f"data.path={data}", f"train.validate_every={every}",
                                   "train.checkpoint_every=0"), f"{tag}-train")
         h.new_task(rd, SCENARIO, [], f"{tag}-scenario")
         if h.dry_run:
@@ -443,7 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--aliccp-rows", type=int, nargs="*", default=[],
                    help="generated Ali-CCP sizes, e.g. 1000000 4000000 16000000")
     p.add_argument("--aliccp-seed", type=int, default=1)
-    p.add_argument("--validate-every", type=int, default=400, help="Ali-CCP validation interval (steps)")
+    p.add_argument("--validate-every", type=int, default=400,
+                   help="Ali-CCP validation interval (steps) at 1M rows; scaled with the row count, so "
+                   "every size validates as often per epoch (2 at batch 1000)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates per seed and pair")
     p.add_argument("--set", dest="extra", action="append", default=[],
                    help="extra --set KEY=VALUE for every stage-1 run (e.g. train.threads=1)")
