@@ -28,16 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from mptrec.data_loaders.layout import (
-    DEFAULT_ROW_GROUP_SIZE,
-    SCHEMA_VERSION,
-    assign_splits,
-    file_sources,
-    staged_out_dir,
-    write_schema,
-    write_table_splits,
-)
+from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, SCHEMA_VERSION, assign_splits, write_schema
 from mptrec.data_loaders.schema import ALICCP_FIELDS, ALICCP_LABELS, ALICCP_MULTI_FIELDS, DataError
+from mptrec.data_loaders.shard_writer import file_sources, staged_out_dir, write_table_splits
 from mptrec.data_loaders.vocab import Vocabulary
 
 TokenRow = dict[str, list[str]]

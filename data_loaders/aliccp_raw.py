@@ -1,14 +1,13 @@
 r"""Ali-CCP raw Tianchi files (``sample_skeleton_*.csv`` + ``common_features_*.csv``) -> shards.
 
-Format: a skeleton line is ``sample_id,click,buy,common_key,feature_num,feature_list`` and a
-common-features line is ``common_key,feature_num,feature_list``; a feature list is
-``field\\x02feature_id\\x03value`` tokens joined by ``\\x01``. The ``value`` part is dropped (as
-AITM does). A row's features are its skeleton features plus those of its common key; for a
-single-valued field present in both, the common one wins (AITM's ``dict.update``); list fields
-concatenate skeleton then common values. A single-valued field listed several times in one
-line keeps (and counts) its last value. Vocabulary counts are per train row, as AITM's; one
-difference: a skeleton id overridden by its common row still counts (an unused id; this does
-not occur in the Ali-CCP files, whose user fields are common and item fields skeleton).
+Format and line parsing: :mod:`mptrec.data_loaders.aliccp_raw_lines` (the ``value`` part of
+each token is dropped, as AITM does). A row's features are its skeleton features plus those of
+its common key; for a single-valued field present in both, the common one wins (AITM's
+``dict.update``); list fields concatenate skeleton then common values. A single-valued field
+listed several times in one line keeps (and counts) its last value. Vocabulary counts are per
+train row, as AITM's; one difference: a skeleton id overridden by its common row still counts
+(an unused id; this does not occur in the Ali-CCP files, whose user fields are common and item
+fields skeleton).
 
 Streaming in four passes, memory bounded by the vocabulary counts plus one encoded
 common-features table (about the size of the common file's ids as int32):
@@ -24,9 +23,8 @@ common-features table (about the size of the common file's ids as int32):
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,17 +40,11 @@ from mptrec.data_loaders.aliccp import (
     aliccp_schema,
     encode_token_rows,
     list_array,
-    token_problem,
 )
-from mptrec.data_loaders.layout import (
-    DEFAULT_ROW_GROUP_SIZE,
-    SplitWriter,
-    assign_splits,
-    file_sources,
-    staged_out_dir,
-    write_schema,
-)
+from mptrec.data_loaders.aliccp_raw_lines import LineReader, count_lines, parse_line
+from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, assign_splits, write_schema
 from mptrec.data_loaders.schema import ALICCP_FIELDS, ALICCP_MULTI_FIELDS, DataError
+from mptrec.data_loaders.shard_writer import SplitWriter, file_sources, staged_out_dir
 from mptrec.data_loaders.vocab import Vocabulary
 
 CHUNK_ROWS = 16_384  # rows encoded at once (Ali-CCP rows carry hundreds of list ids)
@@ -67,102 +59,6 @@ class _Input:
     code_offset: int = 0  # first row's index in the pooled split codes
 
 
-def count_lines(path: Path) -> int:
-    """Number of lines (a last line without a newline counts)."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
-
-
-def parse_features(text: str, expected: int) -> TokenRow:
-    r"""Parse ``field\x02id\x03value`` tokens joined by ``\x01`` into ``field -> [ids]``.
-
-    Raises:
-        ValueError: the list does not hold ``expected`` well-formed tokens.
-    """
-    items = text.replace("\x02", "\x01").replace("\x03", "\x01").split("\x01")
-    if len(items) != 3 * expected or "" in items[0::3] or "" in items[1::3]:
-        toks = text.split("\x01")
-        if len(toks) != expected:
-            raise ValueError(f"feature_num says {expected} features, the list has {len(toks)}")
-        bad = next(
-            t
-            for t in toks
-            if t.count("\x02") != 1 or t.count("\x03") != 1 or t.startswith("\x02") or "\x02\x03" in t
-        )
-        raise ValueError(f"token {bad!r} is not field\\x02id\\x03value")
-    fields, ids = items[0::3], items[1::3]
-    joined_ids = "".join(ids)
-    if not (joined_ids.isascii() and joined_ids.isdigit()) or not _plain_fields(fields):
-        problem = next(p for p in map(token_problem, fields, ids) if p)
-        raise ValueError(problem)
-    row: TokenRow = {}
-    for field, fid in zip(fields, ids):
-        lst = row.get(field)
-        if lst is None:
-            row[field] = [fid]
-        else:
-            lst.append(fid)
-    return row
-
-
-_FIELD_LIST = re.compile(r"[0-9]+(?:_[0-9]+)?(?:\x01[0-9]+(?:_[0-9]+)?)*")
-
-
-def _plain_fields(fields: list[str]) -> bool:
-    """All field codes are digits with an optional ``_digits`` suffix (fast path of token_problem)."""
-    return _FIELD_LIST.fullmatch("\x01".join(fields)) is not None
-
-
-class _LineReader:
-    """Iterate parsed lines of one file, turning format errors into DataError or counted skips."""
-
-    def __init__(self, path: Path, num_fields: int, bad_budget: list[int]) -> None:
-        self.path, self.num_fields, self.budget = path, num_fields, bad_budget
-
-    def bad(self, lineno: int, why: str) -> None:
-        if self.budget[0] <= 0:
-            raise DataError(f"{self.path}:{lineno}: {why}")
-        self.budget[0] -= 1
-
-    def __iter__(self) -> Iterator[tuple[int, list[str]]]:
-        lineno = 0
-        try:
-            for lineno, parts in self._lines():
-                yield lineno, parts
-        except UnicodeDecodeError as e:
-            bad = e.object[e.start:e.start + 1]
-            raise DataError(f"{self.path}:{lineno + 1}: not UTF-8 text (byte {bad!r} in the block read "
-                            "from here on)") from None
-        except OSError as e:
-            raise DataError(f"{self.path}: cannot read: {e}") from None
-
-    def _lines(self) -> Iterator[tuple[int, list[str]]]:
-        with open(self.path, encoding="utf-8", newline="") as fh:
-            for lineno, line in enumerate(fh, 1):
-                parts = line.rstrip("\r\n").split(",")
-                if len(parts) != self.num_fields:
-                    self.bad(lineno, f"{len(parts)} comma-separated fields, expected {self.num_fields}")
-                    yield lineno, []
-                    continue
-                if self.num_fields == 6 and (parts[1] not in ("0", "1") or parts[2] not in ("0", "1")):
-                    self.bad(lineno, f"click/buy {parts[1]!r}/{parts[2]!r} are not 0/1")
-                    yield lineno, []
-                    continue
-                yield lineno, parts
-
-
-def _parse(reader: _LineReader, lineno: int, parts: list[str]) -> TokenRow | None:
-    try:
-        return parse_features(parts[-1], int(parts[-2]))
-    except ValueError as e:
-        reader.bad(lineno, str(e))
-        return None
-
-
 class _CommonTable:
     """Encoded common features: key -> row index; single-field ids; list-field offsets/values."""
 
@@ -173,7 +69,7 @@ class _CommonTable:
         lengths: dict[str, list[npt.NDArray[np.int32]]] = {f: [] for f in multi_fields}
         values: dict[str, list[npt.NDArray[np.int32]]] = {f: [] for f in multi_fields}
         self.multi_value_rows: Counter[str] = Counter()
-        reader = _LineReader(path, 3, budget)
+        reader = LineReader(path, 3, budget)
         rows: list[TokenRow] = []
 
         def flush() -> None:
@@ -185,7 +81,7 @@ class _CommonTable:
             rows.clear()
 
         for lineno, parts in tqdm(reader, desc=f"encode {path.name}", unit="keys", unit_scale=True):
-            row = _parse(reader, lineno, parts) if parts else None
+            row = parse_line(reader, lineno, parts) if parts else None
             if row is None:
                 continue
             if parts[0] in self.index:
@@ -282,7 +178,7 @@ def _scan_skeletons(
     dropped = 0
     for inp in files:
         use: Counter[str] = Counter()
-        reader = _LineReader(inp.skeleton, 6, budget)
+        reader = LineReader(inp.skeleton, 6, budget)
         for lineno, parts in tqdm(
             reader, desc=f"scan {inp.skeleton.name}", unit="rows", unit_scale=True, total=inp.lines
         ):
@@ -292,7 +188,7 @@ def _scan_skeletons(
             if drop and parts[1] == "0" and parts[2] == "1":
                 dropped += 1
                 continue
-            row = _parse(reader, lineno, parts)
+            row = parse_line(reader, lineno, parts)
             if row is None:
                 continue
             kept[split] += 1
@@ -309,12 +205,12 @@ def _count_common(
     inp: _Input, use: Counter[str], counts: dict[str, Counter[str]], budget: list[int], multi: Sequence[str]
 ) -> None:
     """Pass 3: add the ids of each used common key, weighted by its train usage."""
-    reader = _LineReader(inp.common, 3, budget)
+    reader = LineReader(inp.common, 3, budget)
     for lineno, parts in tqdm(reader, desc=f"count {inp.common.name}", unit="keys", unit_scale=True):
         weight = use.get(parts[0], 0) if parts else 0
         if not weight:
             continue
-        row = _parse(reader, lineno, parts)
+        row = parse_line(reader, lineno, parts)
         for field, values in (row or {}).items():
             if field in counts:
                 cnt = counts[field]
@@ -377,17 +273,8 @@ def convert_aliccp_raw(
         positives = np.zeros((len(names), 2), dtype=np.int64)
         budget = [max_bad_lines]  # pass 4 sees the same bad lines again
         for inp in files:
-            _write_input(
-                inp,
-                codes,
-                vocab,
-                multi_fields,
-                drop_purchase_without_click,
-                budget,
-                writers,
-                positives,
-                multi_rows,
-            )
+            _write_input(inp, codes, vocab, multi_fields, drop_purchase_without_click, budget, writers,
+                         positives, multi_rows)
         splits_meta = {name: w.close() for name, w in zip(names, writers)}
         stats: dict[str, Any] = {
             name: {
@@ -483,13 +370,13 @@ def _write_input(
         keys.clear()
         labels.clear()
 
-    reader = _LineReader(inp.skeleton, 6, budget)
+    reader = LineReader(inp.skeleton, 6, budget)
     for lineno, parts in tqdm(
         reader, desc=f"write {inp.skeleton.name}", unit="rows", unit_scale=True, total=inp.lines
     ):
         if not parts or (drop and parts[1] == "0" and parts[2] == "1"):
             continue
-        row = _parse(reader, lineno, parts)
+        row = parse_line(reader, lineno, parts)
         if row is None:
             continue
         key = common.index.get(parts[3])

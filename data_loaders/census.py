@@ -36,16 +36,9 @@ import numpy.typing as npt
 import pyarrow as pa
 from tqdm import tqdm
 
-from mptrec.data_loaders.layout import (
-    DEFAULT_ROW_GROUP_SIZE,
-    SCHEMA_VERSION,
-    assign_splits,
-    file_sources,
-    staged_out_dir,
-    write_schema,
-    write_table_splits,
-)
+from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, SCHEMA_VERSION, assign_splits, write_schema
 from mptrec.data_loaders.schema import CENSUS_COLUMNS, CENSUS_DENSE, CENSUS_LABELS, CENSUS_SPARSE, DataError
+from mptrec.data_loaders.shard_writer import file_sources, staged_out_dir, write_table_splits
 from mptrec.data_loaders.vocab import Vocabulary
 
 INCOME_POSITIVE, INCOME_NEGATIVE = "50000+.", "- 50000."

@@ -27,13 +27,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -46,35 +46,11 @@ from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.layout import read_schema
 from mptrec.data_loaders.packing import PackedBatches
 from mptrec.data_loaders.schema import DataError, FeatureSpec, LabelSpec, OovPolicy
-from mptrec.data_loaders.to_batch import (
-    OOV_POLICIES,
-    SAMPLE_ID_COLUMN,
-    RowSlice,
-    Segment,
-    check_table,
-    gather_arrays,
-    table_to_arrays,
-)
+from mptrec.data_loaders.shuffle import Pending, Unit, cut_batches, deal_units, pending_rows, row_order
+from mptrec.data_loaders.table_checks import OOV_POLICIES, check_table
+from mptrec.data_loaders.to_batch import SAMPLE_ID_COLUMN, RowSlice
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One row group to read: file index, row group, global id of its first row, rows kept."""
-
-    file: int
-    row_group: int
-    first_row: int
-    rows: int
-
-
-#: A table read and the order its rows are still to be read in (None: all, in table order).
-_Pending: TypeAlias = "tuple[pa.Table, npt.NDArray[np.int64] | None]"
-
-
-def _num_rows(pending: Sequence[_Pending]) -> int:
-    return sum(t.num_rows if order is None else int(order.shape[0]) for t, order in pending)
 
 
 class ShardDataset(IterableDataset[Batch]):
@@ -202,10 +178,10 @@ class ShardDataset(IterableDataset[Batch]):
         """Rows in those skipped shards and row groups."""
         return int(self._counters[1])
 
-    def _scan(self) -> list[_Unit]:
+    def _scan(self) -> list[Unit]:
         """Read every shard's footer: check it, list its row groups (cut at ``max_rows``)."""
         declared_rows = self.schema["splits"][self.split]["rows"]
-        units: list[_Unit] = []
+        units: list[Unit] = []
         first = 0
         for i, path in enumerate(self.files):
             expected, start = int(declared_rows[i]), first
@@ -234,7 +210,7 @@ class ShardDataset(IterableDataset[Batch]):
                 n = meta.row_group(rg).num_rows
                 keep = min(n, self.max_rows - row) if self.max_rows else n
                 if keep > 0:
-                    units.append(_Unit(i, rg, row, keep))
+                    units.append(Unit(i, rg, row, keep))
                 row += n
         return units
 
@@ -267,26 +243,18 @@ class ShardDataset(IterableDataset[Batch]):
         """The current epoch."""
         return int(self._epoch.value)
 
-    def _units_of(self, reader: int, readers: int, epoch: int) -> list[_Unit]:
+    def _units_of(self, reader: int, readers: int, epoch: int) -> list[Unit]:
         """Row groups of reader ``reader`` out of ``readers`` in ``epoch`` (the dealing rule)."""
-        units = list(self.units)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
-            units = [units[i] for i in order]
-        return units[reader::readers]
+        return deal_units(self.units, reader, readers, shuffle=self.shuffle, seed=self.seed, epoch=epoch)
 
-    def row_order(self, unit: _Unit, epoch: int) -> npt.NDArray[np.int64]:
+    def row_order(self, unit: Unit, epoch: int) -> npt.NDArray[np.int64]:
         """The order in which ``unit``'s rows are read in ``epoch`` under ``shuffle``.
 
-        A permutation of ``range(unit.rows)`` seeded by ``(seed, epoch, shard file, row group)``
-        only: it does not depend on the rank, the worker or the world size, so an epoch's
-        batches can be re-created (exact resume). The trailing 2 keeps this stream apart from
-        the row-group permutation's and the shuffle buffer's.
+        See :func:`mptrec.data_loaders.shuffle.row_order` (seeded by this dataset's ``seed``).
         """
-        rng = np.random.default_rng([self.seed, epoch, unit.file, unit.row_group, 2])
-        return rng.permutation(unit.rows).astype(np.int64, copy=False)
+        return row_order(unit, self.seed, epoch)
 
-    def _my_units(self, epoch: int) -> tuple[list[_Unit], int]:
+    def _my_units(self, epoch: int) -> tuple[list[Unit], int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         readers = self.world_size * workers
@@ -313,7 +281,7 @@ class ShardDataset(IterableDataset[Batch]):
         state["_open"] = {}
         return state
 
-    def _read(self, unit: _Unit) -> pa.Table | None:
+    def _read(self, unit: Unit) -> pa.Table | None:
         path = self.files[unit.file]
         where = f"{path} row group {unit.row_group}"
         if self._pid != os.getpid():  # a forked worker: do not share the parent's file handles
@@ -335,64 +303,6 @@ class ShardDataset(IterableDataset[Batch]):
         ids = np.arange(unit.first_row, unit.first_row + unit.rows, dtype=np.int64)
         return table.append_column(SAMPLE_ID_COLUMN, pa.array(ids))
 
-    def _batches(
-        self, pending: list[_Pending], rng: np.random.Generator | None, final: bool
-    ) -> Iterator[RowSlice | list[_Pending]]:
-        """Decode buffered tables once and cut them into batches.
-
-        Each pending table comes with the order its rows are read in (None: table order; under
-        ``shuffle``, :meth:`row_order`); with ``rng`` (the shuffle buffer) all pending rows are
-        permuted once more. When not ``final``, the last item is what stays pending: the rows
-        short of a whole batch, in read order.
-        """
-        n = _num_rows(pending)
-        full = n if final else n - n % self.batch_size
-        block: pa.Table | list[Segment]
-        rest: list[_Pending] = []
-        if not self.shuffle:  # file order
-            table = pa.concat_tables([t for t, _ in pending]) if len(pending) > 1 else pending[0][0]
-            block = table.slice(0, full)
-            rest = [(table.slice(full), None)] if full < n else []
-        elif rng is None:  # each row group in its own order: gathered from the tables as read
-            block, left = [], full
-            for t, order in pending:
-                rows = np.arange(t.num_rows, dtype=np.int64) if order is None else order
-                if left:
-                    block.append((t, rows[:left]))
-                if left < rows.shape[0]:  # only the last table: fewer rows than a batch were left
-                    rest.append((t, rows[left:]))
-                left = max(0, left - rows.shape[0])
-        else:  # shuffle buffer: every pending row permuted once more
-            table = pa.concat_tables([t for t, _ in pending]) if len(pending) > 1 else pending[0][0]
-            parts, start = [], 0
-            for t, order in pending:
-                parts.append(np.arange(start, start + t.num_rows) if order is None else order + start)
-                start += t.num_rows
-            rows = np.concatenate(parts)[rng.permutation(n)]
-            block = [(table, rows[:full])]
-            rest = [(self._take(table, rows[full:]), None)] if full < n else []
-        if full:
-            where = f"{self.data_dir} split {self.split!r}"
-            if isinstance(block, list):
-                arrays = gather_arrays(
-                    block, self.features, self.labels, oov_policy=self.oov_policy, where=where, checked=True
-                )
-            else:
-                arrays = table_to_arrays(
-                    block, self.features, self.labels, oov_policy=self.oov_policy, where=where, checked=True
-                )
-            for piece in arrays.row_slices(self.batch_size):
-                if piece.num_rows == self.batch_size or not self.drop_last:
-                    yield piece
-        if not final:
-            yield rest
-
-    @staticmethod
-    def _take(table: pa.Table, rows: npt.NDArray[np.int64]) -> pa.Table:
-        """``table.take(rows)``, on the rows' range only (Arrow's take concatenates the chunks)."""
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        return table.slice(lo, hi - lo).take(pa.array(rows - lo))
-
     def iter_slices(self) -> Iterator[RowSlice]:
         """This reader's batches for the current epoch, as row slices of decoded blocks.
 
@@ -405,7 +315,12 @@ class ShardDataset(IterableDataset[Batch]):
         buffered = self.shuffle and self.shuffle_buffer > 0
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1]) if buffered else None
         target = max(self.batch_size, self.shuffle_buffer) if buffered else self.batch_size
-        pending: list[_Pending] = []
+        cut = functools.partial(
+            cut_batches, rng=rng, shuffle=self.shuffle, batch_size=self.batch_size, drop_last=self.drop_last,
+            features=self.features, labels=self.labels, oov_policy=self.oov_policy,
+            where=f"{self.data_dir} split {self.split!r}",
+        )
+        pending: list[Pending] = []
         rows = 0
         for unit in units:
             table = self._read(unit)
@@ -415,14 +330,14 @@ class ShardDataset(IterableDataset[Batch]):
             rows += table.num_rows
             if rows < target:
                 continue
-            for item in self._batches(pending, rng, final=False):
+            for item in cut(pending, final=False):
                 if isinstance(item, RowSlice):
                     yield item
                 else:
-                    pending, rows = item, _num_rows(item)
+                    pending, rows = item, pending_rows(item)
         if rows:
             yield from (
-                item for item in self._batches(pending, rng, final=True) if isinstance(item, RowSlice)
+                item for item in cut(pending, final=True) if isinstance(item, RowSlice)
             )
 
     def __iter__(self) -> Iterator[Batch]:

@@ -36,13 +36,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from mptrec.data_loaders.aliccp import aliccp_arrow_schema, aliccp_schema, list_array
-from mptrec.data_loaders.layout import (
-    DEFAULT_ROW_GROUP_SIZE,
-    SplitWriter,
-    split_bounds,
-    staged_out_dir,
-    write_schema,
-)
+from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, split_bounds, write_schema
 from mptrec.data_loaders.schema import (
     ALICCP_ASSUMED_VOCAB_SIZES,
     ALICCP_FIELDS,
@@ -50,6 +44,7 @@ from mptrec.data_loaders.schema import (
     ALICCP_VOCAB_SIZES,
     DataError,
 )
+from mptrec.data_loaders.shard_writer import SplitWriter, staged_out_dir
 
 BLOCK = 65_536
 AUC_ROWS = 4_000_000
@@ -327,14 +322,8 @@ def generate_aliccp(
             }
             for i, s in enumerate(split)
         }
-        settings = {
-            "seed": seed,
-            "rows": rows,
-            "click_rate": click_rate,
-            "purchase_rate": purchase_rate,
-            "scenario2_rate": scenario2_rate,
-            "split": split,
-        }
+        settings = {"seed": seed, "rows": rows, "click_rate": click_rate, "purchase_rate": purchase_rate,
+                    "scenario2_rate": scenario2_rate, "split": split}
         result = aliccp_schema(
             {f: vocab[f] for f in ALICCP_FIELDS},
             ALICCP_MULTI_FIELDS,

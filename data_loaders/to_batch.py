@@ -1,4 +1,4 @@
-"""Arrow table / record batch -> :class:`Batch`, and the per-table input checks. No file I/O.
+"""Arrow table / record batch -> :class:`Batch`. No file I/O.
 
 The KJT is built from lengths with vectorised numpy: values are the per-feature id arrays
 concatenated in declared key order, lengths are 1 for single-valued features and the list
@@ -15,124 +15,22 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mptrec.data_loaders.batch import Batch
-from mptrec.data_loaders.schema import DataError, FeatureSpec, LabelSpec, OovPolicy
+from mptrec.data_loaders.schema import FeatureSpec, LabelSpec, OovPolicy
+from mptrec.data_loaders.table_checks import Table, column_numpy, fix_ids
 
 #: Column the dataset appends to each row group: the row's global index within its split.
 SAMPLE_ID_COLUMN = "__sample_id"
-OOV_POLICIES: tuple[str, ...] = ("error", "hash", "clip")
-
-#: ``pa.Table`` or ``pa.RecordBatch`` (pyarrow ships no type stubs).
-Table: TypeAlias = Any
-
-
-def _numpy(col: pa.Array | pa.ChunkedArray) -> npt.NDArray[Any]:
-    return np.asarray(col.to_numpy(zero_copy_only=False) if isinstance(col, pa.Array) else col.to_numpy())
-
-
-def fix_ids(
-    ids: npt.NDArray[np.int64], num_embeddings: int, policy: OovPolicy, where: str, column: str
-) -> npt.NDArray[np.int64]:
-    """Apply the out-of-vocabulary policy to ids of one feature.
-
-    Args:
-        ids: int64 ids.
-        num_embeddings: table size; valid ids are ``[0, num_embeddings)``.
-        policy: ``error`` (raise), ``hash`` (``id mod num_embeddings``) or ``clip`` (into
-            ``[0, num_embeddings - 1]``).
-        where: location for the error message (file, row group).
-        column: column name for the error message.
-
-    Returns:
-        Ids that are all valid table rows.
-
-    Raises:
-        DataError: ``policy == "error"`` and an id is out of range.
-    """
-    if ids.size == 0:
-        return ids
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo >= 0 and hi < num_embeddings:
-        return ids
-    if policy == "hash":
-        return np.mod(ids, num_embeddings)
-    if policy == "clip":
-        return np.clip(ids, 0, num_embeddings - 1)
-    bad = hi if hi >= num_embeddings else lo
-    raise DataError(
-        f"{where}: column {column!r}: id {bad} outside [0, {num_embeddings}) "
-        f"(oov_policy={policy!r}; use 'hash' or 'clip', or a larger num_embeddings)"
-    )
-
-
-def _first_bad(mask: npt.NDArray[np.bool_]) -> int:
-    return int(np.flatnonzero(mask)[0])
-
-
-def check_table(
-    table: Table,
-    features: Sequence[FeatureSpec],
-    labels: Sequence[LabelSpec],
-    label_values: Mapping[str, Sequence[int]],
-    oov_policy: OovPolicy,
-    where: str,
-) -> None:
-    """Check the values of one table (nulls, NaN, labels, ids under ``oov_policy="error"``).
-
-    Fast path with pyarrow compute kernels (no conversion); the offending row is located only
-    when a check fails.
-
-    Args:
-        table: rows read from a shard.
-        features: the features read.
-        labels: the labels read.
-        label_values: label column -> allowed raw values (schema.json ``labels``).
-        oov_policy: ids out of range are an error only under ``"error"``.
-        where: location for messages, e.g. ``"train/part-00000.parquet row group 3"``.
-
-    Raises:
-        DataError: naming ``where``, the column and the bad value.
-    """
-    for f in features:
-        col = table.column(f.column)
-        if col.null_count:
-            raise DataError(f"{where}: column {f.column!r}: {col.null_count} null value(s)")
-        if f.kind == "dense":
-            if pc.all(pc.is_finite(col)).as_py() is False:
-                x = _numpy(col)
-                i = _first_bad(~np.isfinite(x))
-                raise DataError(
-                    f"{where}: dense column {f.column!r}: {x[i]} at row {i} (NaN/inf not allowed)"
-                )
-        elif oov_policy == "error":
-            ids = pc.list_flatten(col) if f.multivalent else col
-            mm = pc.min_max(ids)
-            lo, hi = mm["min"].as_py(), mm["max"].as_py()
-            if lo is not None and (lo < 0 or hi >= f.num_embeddings):
-                fix_ids(np.array([lo, hi], dtype=np.int64), f.num_embeddings, "error", where, f.column)
-    for lab in labels:
-        col = table.column(lab.column)
-        if col.null_count:
-            raise DataError(f"{where}: label column {lab.column!r}: {col.null_count} null value(s)")
-        allowed = list(label_values.get(lab.column, (0, 1))) if lab.positive_values else [0, 1]
-        if pc.all(pc.is_in(col, value_set=pa.array(allowed, col.type))).as_py() is False:
-            y = _numpy(col)
-            i = _first_bad(~np.isin(y, allowed))
-            raise DataError(
-                f"{where}: label column {lab.column!r} (task {lab.name!r}): value {y[i]} at row {i} "
-                f"is not in {allowed}"
-            )
 
 
 @dataclass
@@ -292,15 +190,15 @@ def table_to_arrays(
     sparse_specs = [f for f in features if f.kind == "sparse"]
     dense = np.empty((n, len(dense_specs)), dtype=np.float32)
     for j, f in enumerate(dense_specs):
-        dense[:, j] = _numpy(table.column(f.column))
+        dense[:, j] = column_numpy(table.column(f.column))
     values: list[npt.NDArray[np.int64]] = []
     lengths = np.ones(n * len(sparse_specs), dtype=np.int32)
     for k, f in enumerate(sparse_specs):
         col = table.column(f.column)
         if f.multivalent:
-            lengths[k * n : (k + 1) * n] = _numpy(pc.fill_null(pc.list_value_length(col), 0))
+            lengths[k * n : (k + 1) * n] = column_numpy(pc.fill_null(pc.list_value_length(col), 0))
             col = pc.list_flatten(col)
-        ids = _numpy(col).astype(np.int64, copy=False)
+        ids = column_numpy(col).astype(np.int64, copy=False)
         values.append(
             ids
             if checked and oov_policy == "error"
@@ -308,10 +206,10 @@ def table_to_arrays(
         )
     y = np.empty((len(labels), n), dtype=np.float32)
     for i, lab in enumerate(labels):
-        raw = _numpy(table.column(lab.column))
+        raw = column_numpy(table.column(lab.column))
         y[i] = np.isin(raw, lab.positive_values) if lab.positive_values else raw
     if SAMPLE_ID_COLUMN in table.column_names:
-        ids = _numpy(table.column(SAMPLE_ID_COLUMN)).astype(np.int64)  # a writable copy
+        ids = column_numpy(table.column(SAMPLE_ID_COLUMN)).astype(np.int64)  # a writable copy
     else:
         ids = np.arange(n, dtype=np.int64)
     return BatchArrays(
@@ -406,20 +304,21 @@ def gather_arrays(
         for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
             col = table.column(f.column)
             if f.multivalent:
-                seg_lengths, index = list_rows_index(_numpy(pc.fill_null(pc.list_value_length(col), 0)), rows)
+                list_lengths = column_numpy(pc.fill_null(pc.list_value_length(col), 0))
+                seg_lengths, index = list_rows_index(list_lengths, rows)
                 lengths[k * n + a : k * n + b] = seg_lengths
-                parts.append((_numpy(pc.list_flatten(col)), index))
+                parts.append((column_numpy(pc.list_flatten(col)), index))
             else:
-                parts.append((_numpy(col), rows))
+                parts.append((column_numpy(col), rows))
         sources.append(parts)
     for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
         for j, f in enumerate(dense_specs):
-            dense[a:b, j] = _numpy(table.column(f.column))[rows]
+            dense[a:b, j] = column_numpy(table.column(f.column))[rows]
         for i, lab in enumerate(labels):
-            raw = _numpy(table.column(lab.column))[rows]
+            raw = column_numpy(table.column(lab.column))[rows]
             y[i, a:b] = np.isin(raw, lab.positive_values) if lab.positive_values else raw
         if SAMPLE_ID_COLUMN in table.column_names:
-            sample_ids[a:b] = _numpy(table.column(SAMPLE_ID_COLUMN))[rows]
+            sample_ids[a:b] = column_numpy(table.column(SAMPLE_ID_COLUMN))[rows]
         else:
             sample_ids[a:b] = rows
     length_per_key = [sum(int(index.shape[0]) for _, index in parts) for parts in sources]

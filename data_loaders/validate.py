@@ -12,7 +12,7 @@ column present with its type):
 1. every row group's column statistics (cheap, read from the footer): no nulls in any column
    read; integer ids inside ``[0, num_embeddings)`` (under ``oov_policy="error"``); label
    values inside the declared range;
-2. the rows themselves with the loader's own check (:func:`~mptrec.data_loaders.to_batch.
+2. the rows themselves with the loader's own check (:func:`~mptrec.data_loaders.table_checks.
    check_table`: nulls, NaN/inf, ids, labels): every row group when the split has at most
    :data:`FULL_SCAN_ROWS` rows (a full scan, about a second per million rows), else the first
    row group of every shard; page CRC checksums (written by the converters) are verified, so a
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mptrec.data_loaders.schema import DataError, FeatureSpec, LabelSpec
-from mptrec.data_loaders.to_batch import check_table
+from mptrec.data_loaders.table_checks import check_table
 
 __all__ = ["FULL_SCAN_ROWS", "validate_dataset", "validate_split"]
 

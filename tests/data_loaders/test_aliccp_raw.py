@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mptrec.data_loaders.aliccp_raw as raw
-from mptrec.data_loaders.aliccp_raw import convert_aliccp_raw, count_lines
+from mptrec.data_loaders.aliccp_raw import convert_aliccp_raw
+from mptrec.data_loaders.aliccp_raw_lines import count_lines
 from mptrec.data_loaders.layout import assign_splits, read_schema
 from mptrec.data_loaders.schema import ALICCP_FIELDS, ALICCP_MULTI_FIELDS, DataError
 

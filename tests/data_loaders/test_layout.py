@@ -9,15 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mptrec.data_loaders.layout import (
-    SplitWriter,
-    assign_splits,
-    parse_split_spec,
-    prepare_out_dir,
-    read_schema,
-    resolve_features,
-)
+from mptrec.data_loaders.layout import assign_splits, parse_split_spec, read_schema, resolve_features
 from mptrec.data_loaders.schema import DataError
+from mptrec.data_loaders.shard_writer import SplitWriter, prepare_out_dir
 from mptrec.data_loaders.vocab import Vocabulary
 from tests.data_loaders.shards import tiny_table, write_tiny
 

@@ -9,10 +9,9 @@ import torch
 
 from mptrec.data_loaders.packing import PackedBatches
 from mptrec.data_loaders.schema import DataError, FeatureSpec, LabelSpec
+from mptrec.data_loaders.table_checks import check_table, fix_ids
 from mptrec.data_loaders.to_batch import (
     SAMPLE_ID_COLUMN,
-    check_table,
-    fix_ids,
     gather_arrays,
     list_rows_index,
     table_to_arrays,

@@ -208,7 +208,8 @@ def test_predict_component_runs_mptrec_predict() -> None:
 
 def _write_shards(out: Path, seed: int = 0) -> Path:
     """The stage-2 test shards plus a list feature ``lst`` (0..3 ids per row, some rows empty)."""
-    from mptrec.data_loaders.layout import write_schema, write_table_splits
+    from mptrec.data_loaders.layout import write_schema
+    from mptrec.data_loaders.shard_writer import write_table_splits
 
     rows = {"train": 1472, "valid": 512, "test": 256}
     rng = np.random.default_rng(seed)

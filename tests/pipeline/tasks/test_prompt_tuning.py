@@ -39,7 +39,8 @@ seed = 5
 def write_stage2_shards(out: Path, rows: dict[str, int] | None = None, seed: int = 0,
                         row_group_size: int = 64) -> Path:
     """Shards with click/purchase and a scenario field ``g`` in {1,2,3} (feature AND label source)."""
-    from mptrec.data_loaders.layout import write_schema, write_table_splits
+    from mptrec.data_loaders.layout import write_schema
+    from mptrec.data_loaders.shard_writer import write_table_splits
 
     rows = rows or {"train": 1472, "valid": 512, "test": 256}
     rng = np.random.default_rng(seed)

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pytest
 
 from mptrec.data_loaders.dataset import ShardDataset
-from mptrec.data_loaders.layout import read_schema, write_schema, write_table_splits
+from mptrec.data_loaders.layout import read_schema, write_schema
 from mptrec.data_loaders.schema import LabelSpec
+from mptrec.data_loaders.shard_writer import write_table_splits
 from mptrec.pipeline.build import resolve_run_features
 from mptrec.pipeline.config import RunConfig, load_config
 from mptrec.pipeline.train.pretrain import count_batches
