@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mptrec.bench.accuracy import Harness, compare, load_predictions, markdown
+from mptrec.bench.accuracy import Harness, compare, load_predictions
+from mptrec.bench.accuracy_report import markdown
 from mptrec.bench.stats import auc
 
 
