@@ -48,7 +48,7 @@ else
   stage "register task 'scenario' (field 301)" \
     mptrec tasks register --run "$OUT" --task-config configs/tasks/aliccp_scenario.toml
 fi
-# lr 1e-2 instead of the task file's paper value 1e-4: 160k rows are 1/60 of the paper's data.
+# lr 1e-2 instead of the task file's 1e-3 (the paper: 1e-4): 160k rows are 1/60 of the paper's data.
 stage "stage 2: prompt tuning of 'scenario'" \
   torchx run -s local_cwd launch/components.py:prompt_tune --run "$OUT" --task scenario -j "1x$NPROC" \
   --set "lr=1e-2,epochs=10,patience=2"
