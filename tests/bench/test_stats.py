@@ -1,4 +1,4 @@
-"""Tests of mptrec.bench.stats: DeLong against an O(n^2) reference, the bootstrap, seed combining."""
+"""mptrec.bench.stats and .delong: DeLong against an O(n^2) reference, the bootstrap, seed combining."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from mptrec.bench import delong as delong_half
 from mptrec.bench import stats
 from mptrec.bench.stats import (
     auc,
@@ -264,5 +265,5 @@ def test_seed_summary() -> None:
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(stats, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted >= 15 and result.failed == 0, result
+    results = [doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE) for m in (stats, delong_half)]
+    assert sum(r.attempted for r in results) >= 20 and not any(r.failed for r in results), results
