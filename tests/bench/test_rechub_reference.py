@@ -1,4 +1,5 @@
-"""bench/rechub_reference.py without torch-rechub: arguments, schema, Parquet to arrays, outputs.
+"""bench/rechub_reference.py (and its data half bench/rechub_data.py) without torch-rechub: arguments,
+schema, Parquet to arrays, outputs; run as a script, it finds the data half next to it.
 
 CI has no rechub venv; the training half (torch_rechub imported inside functions) is verified by
 running the script with runs/.rechub-venv (scripts/rechub_env.sh).
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +137,32 @@ def test_outputs_are_written_atomically(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mmoe.parquet", "o", "p", "r.json"]  # no temp left
 
 
-def test_module_level_imports_need_no_torch_rechub() -> None:
-    tree = ast.parse(SCRIPT.read_text())
-    top: list[str] = []
-    for node in tree.body:
+def _module_level_imports(path: Path) -> list[str]:
+    """Modules a file imports outside its functions (module-level ``if``/``try`` blocks included)."""
+    found: list[str] = []
+    nodes: list[ast.stmt] = list(ast.parse(path.read_text()).body)
+    while nodes:
+        node = nodes.pop()
         if isinstance(node, ast.Import):
-            top += [a.name for a in node.names]
+            found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            top.append(node.module or "")
+            found.append("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.If | ast.Try):
+            nodes += [*node.body, *node.orelse, *(s for h in getattr(node, "handlers", []) for s in h.body)]
+    return found
+
+
+def test_module_level_imports_need_no_torch_rechub() -> None:
     heavy = {"torch_rechub", "torch", "torchrec", "mptrec", "sklearn"}
-    assert not [n for n in top if n.split(".")[0] in heavy]
+    for path in (SCRIPT, SCRIPT.with_name("rechub_data.py")):
+        top = _module_level_imports(path)
+        assert top and not [n for n in top if n.split(".")[0] in heavy], (path.name, top)
+
+
+def test_runs_as_a_script_importing_its_data_half_as_a_sibling(tmp_path: Path) -> None:
+    """As the rechub venv runs it (``python bench/rechub_reference.py``): no package, the data half
+    found next to the script; ``--help`` exits before torch is imported."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--data" in done.stdout and "--predictions" in done.stdout
