@@ -190,7 +190,33 @@ def run_bench(
         config=config,
     )
     torch.set_num_threads(s.threads)
-    results: dict[str, Any] = {
+    results = _new_results(s, quick, command)
+    t_start = time.perf_counter()
+    schema = ensure_data(s)
+    chosen = list(only) or list(SECTIONS)
+    if "dense" in chosen:
+        chosen.insert(chosen.index("dense") + 1, "bf16_auc")
+    with process_group() as group:
+        fns = _sections(s, schema, group, out.with_name(out.stem + ".growth.png"), Path(serving_run))
+        for name in chosen:
+            print(f"[bench] === {name} ===", file=sys.stderr)
+            t0 = time.perf_counter()
+            key = "dense_speedups" if name == "dense" else name
+            try:
+                results[key] = fns[name]()
+            except Exception as e:  # noqa: BLE001 - record, go on with the other sections
+                traceback.print_exc()
+                results[key] = {"error": f"{type(e).__name__}: {e}"}
+                results["errors"][key] = results[key]["error"]
+            results["section_wall_s"][key] = round(time.perf_counter() - t0, 1)
+            torch.set_num_threads(s.threads)
+            _write(results, out, markdown, t_start)
+    return results
+
+
+def _new_results(s: Settings, quick: bool, command: str) -> dict[str, Any]:
+    """The results before any section ran: the run's settings, the machine, the versions."""
+    return {
         "benchmark": "mptrec bench",
         "quick": quick,
         "command": command,
@@ -217,27 +243,6 @@ def run_bench(
         "section_wall_s": {},
         "wall_s": None,
     }
-    t_start = time.perf_counter()
-    schema = ensure_data(s)
-    chosen = list(only) or list(SECTIONS)
-    if "dense" in chosen:
-        chosen.insert(chosen.index("dense") + 1, "bf16_auc")
-    with process_group() as group:
-        fns = _sections(s, schema, group, out.with_name(out.stem + ".growth.png"), Path(serving_run))
-        for name in chosen:
-            print(f"[bench] === {name} ===", file=sys.stderr)
-            t0 = time.perf_counter()
-            key = "dense_speedups" if name == "dense" else name
-            try:
-                results[key] = fns[name]()
-            except Exception as e:  # noqa: BLE001 - record, go on with the other sections
-                traceback.print_exc()
-                results[key] = {"error": f"{type(e).__name__}: {e}"}
-                results["errors"][key] = results[key]["error"]
-            results["section_wall_s"][key] = round(time.perf_counter() - t0, 1)
-            torch.set_num_threads(s.threads)
-            _write(results, out, markdown, t_start)
-    return results
 
 
 def _write(results: dict[str, Any], out: Path, markdown: str | Path | None, t_start: float) -> None:

@@ -16,11 +16,13 @@ import torch
 
 from mptrec.bench.common import Settings, Size, load_batches, run_config
 from mptrec.bench.harness import Variant, ratio, throughput
-from mptrec.bench.ours import build_stage1
+from mptrec.bench.ours import Stage1, build_stage1
 from mptrec.bench.references import RefMPTRec, make_train_step, to_ref_batch
 from mptrec.data_loaders.batch import Batch
+from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import count_parameters
 from mptrec.pipeline.build import resolve_run_features
+from mptrec.pipeline.config import RunConfig
 from mptrec.pipeline.train.loop import bf16_autocast
 
 #: The paper's embedding L2 weight on Ali-CCP (spec section 7); the references apply it (the
@@ -70,8 +72,17 @@ def compare(s: Settings, schema: dict[str, Any], size: Size, group: Any) -> dict
     )
     ours.detach()
     ours_fp32.detach()
+    result = _summary(size, cfg, features, stats, ours, plain)
+    del ours, ours_fp32, plain, sparse, variants
+    gc.collect()
+    return result
+
+
+def _summary(size: Size, cfg: RunConfig, features: list[FeatureSpec], stats: dict[str, Any],
+             ours: Stage1, plain: RefMPTRec) -> dict[str, Any]:
+    """One size's result: the model, the samples/s, the speedups, what each side runs."""
     sparse_feats = [f for f in features if f.kind == "sparse"]
-    result = {
+    return {
         "note": size.note,
         "embedding_dim": size.embedding_dim,
         "batch_size": size.batch_size,
@@ -100,6 +111,3 @@ def compare(s: Settings, schema: dict[str, Any], size: Size, group: Any) -> dict
             "sparse": "nn.Embedding(sparse=True) + SparseAdam, Adam for the rest, L2 on the looked-up rows",
         },
     }
-    del ours, ours_fp32, plain, sparse, variants
-    gc.collect()
-    return result
