@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from mptrec.data_loaders.batch import Batch
-from mptrec.data_loaders.dataset import ShardDataset
 from mptrec.data_loaders.layout import read_schema
 from mptrec.data_loaders.schema import ALICCP_SINGLE_FIELDS, FeatureSpec, LabelSpec
-from mptrec.pipeline.config import RunConfig, TaskSpec, load_config
+from mptrec.pipeline.build import make_dataset
+from mptrec.pipeline.config import DataConfig, RunConfig, TaskSpec, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "aliccp_pretrain.toml"
@@ -175,17 +175,13 @@ def load_batches(
     world_size: int = 1,
     drop_last: bool = True,
 ) -> list[Batch]:
-    """Read batches of a split into memory (the loader's own path, no workers)."""
-    ds = ShardDataset(
-        data_dir,
-        split,
-        features=features,
-        labels=labels,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        drop_last=drop_last,
-    )
+    """Read batches of a split into memory (the loader's own path, no workers).
+
+    The dataset comes from the pipeline's factory (:func:`mptrec.pipeline.build.make_dataset`)
+    with a default ``[data]`` section: unshuffled, out-of-range ids raise, every row read.
+    """
+    ds = make_dataset(DataConfig(path=os.fspath(data_dir)), split, features, labels, rank=rank,
+                      world_size=world_size, batch_size=batch_size, drop_last=drop_last)
     out: list[Batch] = []
     for b in ds:
         out.append(b)

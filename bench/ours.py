@@ -1,9 +1,12 @@
 """Our pipeline's steps, built the way ``mptrec train`` / ``mptrec prompt-tune`` build them.
 
-Stage 1 (:func:`build_stage1`): ``build_from_config`` -> ``TrainWrapper`` (with the EM label
-store) -> ``shard_model`` (DMP, fused embedding optimizer in backward, dense Adam) ->
-``make_stepper`` (``TrainPipelineSparseDist`` when ``train.pipelined``), the same calls as
-:func:`mptrec.pipeline.train.pretrain.pretrain`; each step is ``stepper.progress(batches)``.
+Stage 1 (:func:`build_stage1`): ``build_from_config`` ->
+:func:`mptrec.pipeline.train.pretrain.shard_for_training` (``TrainWrapper`` with the EM label
+store, ``shard_model``: DMP, fused embedding optimizer in backward, dense Adam) -> ``make_stepper``
+(``TrainPipelineSparseDist`` when ``train.pipelined``), the same calls as
+:func:`mptrec.pipeline.train.pretrain.pretrain`; each step is ``stepper.progress(batches)``. One
+difference: no whole-table L2 (``r_emb`` 0, whatever ``model.r_emb`` says; the bench's default
+config has ``r_emb = 0``).
 
 Stage 2 (:func:`build_prompt_tuner`): the stage-1 model plus a new head in a ``NewTaskModel``
 (frozen backbone: ``requires_grad`` off, eval mode, ``no_grad`` forward), sharded with no
@@ -33,9 +36,8 @@ from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
 from mptrec.pipeline.sharding import shard_model, unwrap_dmp
-from mptrec.pipeline.train.em import EMLabelStore
 from mptrec.pipeline.train.loop import bf16_autocast, make_stepper
-from mptrec.pipeline.train.wrapper import TrainWrapper
+from mptrec.pipeline.train.pretrain import shard_for_training
 
 CPU = torch.device("cpu")
 
@@ -90,14 +92,7 @@ def build_stage1(
 ) -> Stage1:
     """Our stage-1 model, sharded and with its optimizers; :meth:`Stage1.step` cycles over ``batches``."""
     model, features = build_from_config(cfg, schema)
-    em_store = None
-    if model.uses_em:
-        rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
-        em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=CPU)
-    wrapper = TrainWrapper(model, em_store)
-    sharded = shard_model(
-        wrapper, features, cfg.sharding, cfg.train, CPU, group, batch_size=cfg.data.batch_size
-    )
+    _, _, sharded = shard_for_training(cfg, schema, model, features, CPU, group)  # r_emb 0, see above
     sharded.dmp.train()
     stepper = make_stepper(sharded.dmp, sharded.optimizer, CPU, cfg.train.pipelined)
     return Stage1(

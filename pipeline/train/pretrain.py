@@ -21,7 +21,7 @@ Run folder (``cfg.out_dir``)::
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from mptrec.data_loaders.layout import read_schema, verify_shard_files
 from mptrec.data_loaders.schema import DataError, FeatureSpec
 from mptrec.data_loaders.validate import validate_dataset
 from mptrec.logs import get_logger
+from mptrec.models.base import MultiTaskModel
 from mptrec.pipeline.build import build_from_config, make_dataset, resolve_run_features
 from mptrec.pipeline.checkpoint import TrainState, backbone_state_dict, load_checkpoint
 from mptrec.pipeline.checkpoint_files import (
@@ -44,14 +45,14 @@ from mptrec.pipeline.checkpoint_files import (
     latest_complete_checkpoint,
 )
 from mptrec.pipeline.config import RunConfig, write_resolved
-from mptrec.pipeline.sharding import shard_model
+from mptrec.pipeline.sharding import ShardedModel, shard_model
 from mptrec.pipeline.strict import to_dict
 from mptrec.pipeline.train.em import EMLabelStore
 from mptrec.pipeline.train.loop import TrainContext, Trainer, TrainResult
 from mptrec.pipeline.train.metrics_log import MetricsLogger
 from mptrec.pipeline.train.wrapper import TrainWrapper
 
-__all__ = ["ShardData", "check_data", "count_batches", "pretrain"]
+__all__ = ["ShardData", "check_data", "count_batches", "pretrain", "shard_for_training"]
 
 log = get_logger(__name__)
 
@@ -228,18 +229,13 @@ def pretrain(
     model, features = build_from_config(cfg, schema)
     data = ShardData(cfg, features, rank, world, device)  # checks the shards' columns and types
     _validate_data(lambda: validate_dataset([data.train_ds, data.valid_ds]), rank, group)  # and values
-    em_store = None
     rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
     used = min(rows, cfg.data.max_rows) if cfg.data.max_rows else rows
     r_emb = cfg.model.effective_r_emb(used)
     if verbose and r_emb != cfg.model.r_emb:
         log.info("model.r_emb %g at %d rows (model.r_emb_rows) -> %.3g for %d training rows",
                  cfg.model.r_emb, cfg.model.r_emb_rows, r_emb, used)
-    if model.uses_em:
-        em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=device)
-    wrapper = TrainWrapper(model, em_store)
-    sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, device, group,
-                          batch_size=cfg.data.batch_size, r_emb=r_emb)
+    wrapper, em_store, sharded = shard_for_training(cfg, schema, model, features, device, group, r_emb=r_emb)
     run_dir, new = _prepare_run_dir(cfg, resume, rank)
     try:
         return _train(cfg, run_dir, sharded, features, wrapper, data, device, em_store, resume, rank, world,
@@ -248,6 +244,45 @@ def pretrain(
         if rank == 0:
             _undo_run_dir(run_dir, new)
         raise
+
+
+def shard_for_training(
+    cfg: RunConfig,
+    schema: Mapping[str, Any],
+    model: MultiTaskModel,
+    features: Sequence[FeatureSpec],
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+    *,
+    r_emb: float = 0.0,
+) -> tuple[TrainWrapper, EMLabelStore | None, ShardedModel]:
+    """Stage 1's training module: ``model`` in its :class:`TrainWrapper`, sharded with its optimizers.
+
+    The wrapper holds an :class:`EMLabelStore` over every row of the training split (seeded by
+    ``train.seed``) when the model trains on EM labels; :func:`~mptrec.pipeline.sharding.shard_model`
+    then shards it with the embedding optimizer and the dense Adam of ``cfg.train``. Used by
+    :func:`pretrain` and by the benchmarks (``mptrec.bench.ours.build_stage1``). Collective.
+
+    Args:
+        cfg: the run config.
+        schema: the shards' ``schema.json`` (training-split row count).
+        model: from :func:`~mptrec.pipeline.build.build_from_config` (EBC on the meta device).
+        features: the model's input features.
+        device: compute device.
+        group: process group (default: the world).
+        r_emb: whole-table L2 weight (:func:`pretrain` passes ``cfg.model.effective_r_emb(rows)``).
+
+    Returns:
+        ``(wrapper, em_store, sharded)``; ``em_store`` is None for a model without EM labels.
+    """
+    em_store = None
+    if model.uses_em:
+        rows = int(sum(schema["splits"][cfg.data.train_split]["rows"]))
+        em_store = EMLabelStore(rows, cfg.task_names, seed=cfg.train.seed, device=device)
+    wrapper = TrainWrapper(model, em_store)
+    sharded = shard_model(wrapper, features, cfg.sharding, cfg.train, device, group,
+                          batch_size=cfg.data.batch_size, r_emb=r_emb)
+    return wrapper, em_store, sharded
 
 
 def _train(cfg: RunConfig, run_dir: Path, sharded: Any, features: list[FeatureSpec], wrapper: TrainWrapper,
