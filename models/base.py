@@ -119,6 +119,9 @@ class MultiTaskModel(nn.Module, abc.ABC):
     #: here once per model class; everything else derives from ``MODELS``
     #: (:func:`mptrec.models.registry.new_task_methods`).
     new_task_methods: ClassVar[tuple[str, ...]] = ()
+    #: the methods among them whose heads read each row's sparse ids (``NewTaskHead.needs_ids``):
+    #: they need every sparse feature single-valued
+    id_reading_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -170,6 +173,29 @@ class MultiTaskModel(nn.Module, abc.ABC):
         torch._assert(dense.size(1) == self.dense_dim, "dense features have the wrong number of columns")
         pooled = self.ebc(kjt).to_dict()
         return torch.cat([dense] + [pooled[f] for f in self.sparse_features], dim=1)
+
+    def id_tables(self) -> list[tuple[int, int]]:
+        """``(num_embeddings, embedding_dim)`` of each sparse feature's table, ``sparse_features`` order."""
+        sizes: dict[str, tuple[int, int]] = {}
+        for cfg in self.ebc.embedding_bag_configs():
+            for f in cfg.feature_names:
+                sizes[f] = (cfg.num_embeddings, cfg.embedding_dim)
+        return [sizes[f] for f in self.sparse_features]
+
+    def feature_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """The ids of single-valued sparse features, one per row and feature.
+
+        Only for inputs where every sparse feature holds exactly one id per row (the caller
+        checks: ``mptrec tasks register`` refuses a head that needs ids on list features).
+
+        Args:
+            kjt: sparse ids, keys = ``sparse_features`` (any order).
+
+        Returns:
+            (B, F) int64, columns in ``sparse_features`` order.
+        """
+        per_key = kjt.to_dict()
+        return torch.stack([per_key[f].values() for f in self.sparse_features], dim=1)
 
     # ---- the contract -----------------------------------------------------------------------
 
@@ -299,6 +325,10 @@ class NewTaskHead(nn.Module, abc.ABC):
         >>> head({"h_shared": torch.rand(3, 8)}).shape
         torch.Size([3])
     """
+
+    #: whether :meth:`forward` reads ``feats["ids"]``, the (B, F) ids of the single-valued sparse
+    #: features (:meth:`MultiTaskModel.feature_ids`), besides the backbone's ``features()``
+    needs_ids: bool = False
 
     def __init__(self, task_name: str, method: str) -> None:
         super().__init__()

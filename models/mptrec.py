@@ -29,7 +29,9 @@ __all__ = ["MPTRec", "MPTRecNewTaskHead"]
 torch.fx.wrap("grad_reverse")
 
 #: rank of the residual path e -> (D_in x r) -> (r x H) -> tower input of the ``*_res`` heads
-RESIDUAL_RANKS = {"mptrec_res": 8}
+RESIDUAL_RANKS = {"mptrec_res": 8, "mptrec_emb": 1}
+#: heads with their own zero-initialised per-id offsets of the frozen tables (``e' = e + delta``)
+DELTA_METHODS = ("mptrec_emb",)
 _VARIANTS = ("full", "share", "specific", "no_gan")
 
 
@@ -73,7 +75,8 @@ class MPTRec(MultiTaskModel):
         torch.Size([3])
     """
 
-    new_task_methods = ("mptrec", "mptrec_res", "fw", "tes")
+    new_task_methods = ("mptrec", "mptrec_res", "mptrec_emb", "fw", "tes")
+    id_reading_methods = DELTA_METHODS
 
     def __init__(
         self,
@@ -259,6 +262,7 @@ class MPTRec(MultiTaskModel):
         return MPTRecNewTaskHead(
             name, method, input_dim=self.input_dim, hidden_dim=self.hidden_dim, num_tasks=self.num_tasks,
             tower_hidden=tower, tau=self.cfg.tau,
+            id_tables=self.id_tables() if method in DELTA_METHODS else None, dense_dim=self.dense_dim,
         )
 
 
@@ -276,6 +280,15 @@ class MPTRecNewTaskHead(NewTaskHead):
     for the old tasks; this gives the new task a direct view of features they may have
     discarded, for ``r (D_in + H)`` parameters (Census: 2,008 more, 29,071 = 9.92% in all).
 
+    ``mptrec_emb`` (beyond the paper): ``mptrec`` reading ``e' = e + delta`` wherever it reads
+    ``e`` (projection, gate), plus a rank-1 residual path from ``e'``. ``delta`` is the new task's
+    own per-id offset of every frozen table row (zero-initialised, so the head starts as
+    ``mptrec``; in :meth:`l2_penalty`): the frozen embeddings were shaped, and L2-shrunk, for the
+    old tasks, and this lets the new task move its own copy of them while the old tasks keep
+    theirs. It reads ``feats["ids"]`` (:attr:`needs_ids`), so every sparse feature must be
+    single-valued. ``sum_f V_f d_f + D_in + H`` more parameters (Census: 1,884 + 251, 29,198 =
+    9.96% in all).
+
     Args:
         task_name: the new task.
         method: ``mptrec``, ``fw`` or ``tes``.
@@ -284,10 +297,14 @@ class MPTRecNewTaskHead(NewTaskHead):
         num_tasks: K, the existing tasks.
         tower_hidden: hidden sizes of the new tower.
         tau: softmax temperature (Eq. 11).
+        id_tables: ``mptrec_emb`` only: ``(num_embeddings, embedding_dim)`` of each sparse
+            feature's table, in the order of their blocks in ``e``
+            (:meth:`MultiTaskModel.id_tables`).
+        dense_dim: ``mptrec_emb`` only: D_dense, the dense columns that lead ``e``.
 
     Shapes:
         ``forward(feats)`` with ``e`` (B, D_in), ``h_shared`` (B, H), ``h_specific`` (B, K, H),
-        ``prompts`` (K, H) -> (B,) logits.
+        ``prompts`` (K, H) (and ``ids`` (B, F) int64 for ``mptrec_emb``) -> (B,) logits.
 
     Example:
         >>> head = MPTRecNewTaskHead("t3", "mptrec", input_dim=123, hidden_dim=128, num_tasks=2,
@@ -310,6 +327,8 @@ class MPTRecNewTaskHead(NewTaskHead):
         num_tasks: int,
         tower_hidden: Sequence[int],
         tau: float,
+        id_tables: Sequence[tuple[int, int]] | None = None,
+        dense_dim: int = 0,
     ) -> None:
         super().__init__(task_name, method)
         if method not in MPTRec.new_task_methods:
@@ -327,7 +346,18 @@ class MPTRecNewTaskHead(NewTaskHead):
             up = nn.Linear(rank, hidden_dim, bias=False)
             nn.init.zeros_(up.weight)  # starts as the base method
             self.residual = nn.Sequential(nn.Linear(input_dim, rank, bias=False), up)
-        if method in ("mptrec", "mptrec_res"):  # Eq. 10
+        self.deltas: nn.ParameterList | None = None
+        if method in DELTA_METHODS:
+            if id_tables is None:
+                raise ValueError(f"method {method!r} needs id_tables (the frozen tables' shapes)")
+            widths = dense_dim + sum(d for _, d in id_tables)
+            if widths != input_dim or dense_dim < 0 or any(n < 1 or d < 1 for n, d in id_tables):
+                raise ValueError(f"id_tables {list(id_tables)} and dense_dim {dense_dim} do not make up "
+                                 f"D_in = {input_dim}")
+            self.needs_ids = True
+            self.dense_dim: int = dense_dim
+            self.deltas = nn.ParameterList(nn.Parameter(torch.zeros(n, d)) for n, d in id_tables)
+        if method in ("mptrec", "mptrec_res", "mptrec_emb"):  # Eq. 10
             self.projection = nn.Sequential(
                 nn.Linear(input_dim, hidden_dim // 2, bias=False),
                 nn.ReLU(),
@@ -358,6 +388,8 @@ class MPTRecNewTaskHead(NewTaskHead):
         Returns:
             (B,) logits.
         """
+        if self.deltas is not None:
+            feats = {**feats, "e": self.shifted_input(feats["e"], feats["ids"])}
         w = self.transfer_weights(feats)
         # Eq. 12; a broadcast product summed over K: a (B, 1, K) x (B, K, H) bmm runs B tiny
         # matrix products, measured ~15x slower fwd+bwd on CPU at B=2000, K=2, H=64
@@ -369,6 +401,27 @@ class MPTRecNewTaskHead(NewTaskHead):
             fused = fused + self.residual(feats["e"])
         return self.tower.forward_shared(fused)[0].squeeze(-1)
 
+    def shifted_input(self, e: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``mptrec_emb``: ``e' = e + delta``, the new task's offsets of each row's table rows.
+
+        Args:
+            e: (B, D_in), the frozen input vector.
+            ids: (B, F) int64, each row's id of every sparse feature.
+
+        Returns:
+            (B, D_in).
+        """
+        assert self.deltas is not None
+        parts = [e.new_zeros(e.size(0), self.dense_dim)]
+        parts += [F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)]
+        return e + torch.cat(parts, dim=1)
+
     def l2_penalty(self) -> torch.Tensor:
-        """Eq. 15: sum over the new tower's weight matrices of ``||W||^2 / 2`` (the caller adds r_dnn)."""
-        return self.tower.weight_l2()
+        """Eq. 15: sum over the new tower's weight matrices of ``||W||^2 / 2`` (the caller adds r_dnn).
+
+        ``mptrec_emb`` adds ``||delta||^2 / 2``: the offsets are shrunk to the frozen rows at the
+        same weight.
+        """
+        if self.deltas is None:
+            return self.tower.weight_l2()
+        return self.tower.weight_l2() + sum(t.pow(2).sum() for t in self.deltas) / 2

@@ -65,6 +65,7 @@ class NewTaskModel(nn.Module):
         self.heads = nn.ModuleDict(dict(heads))
         self.new_task_names: list[str] = list(heads)
         self.task_names: list[str] = [*backbone.task_names, *self.new_task_names]
+        self.needs_ids: bool = any(cast(NewTaskHead, h).needs_ids for h in heads.values())
         freeze(self.backbone)
 
     def train(self, mode: bool = True) -> NewTaskModel:
@@ -74,10 +75,17 @@ class NewTaskModel(nn.Module):
         return self
 
     def backbone_features(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        """The frozen backbone's features, computed without autograd and detached."""
+        """The frozen backbone's features, computed without autograd and detached.
+
+        Plus ``ids`` (B, F), each row's sparse ids, when a head reads them
+        (:attr:`NewTaskHead.needs_ids`).
+        """
         with torch.no_grad():
             feats = self.backbone.features(dense, kjt)
-        return {k: v.detach() for k, v in feats.items()}
+        out = {k: v.detach() for k, v in feats.items()}
+        if self.needs_ids:
+            out["ids"] = self.backbone.feature_ids(kjt)
+        return out
 
     def forward(self, dense: torch.Tensor, kjt: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """Logits of every task.

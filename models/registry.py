@@ -1,11 +1,15 @@
 """The model registry: an explicit dict filled by :func:`register_model` (duplicates raise).
 
 Which new-task methods fit which model is declared once, as ``new_task_methods`` on each model
-class; :func:`new_task_methods` and :func:`all_new_task_methods` read it from :data:`MODELS`.
+class (with ``id_reading_methods``, those whose heads read each row's ids);
+:func:`new_task_methods`, :func:`id_reading_methods` and :func:`all_new_task_methods` read it from
+:data:`MODELS`.
 
 Example:
     >>> new_task_methods("mptrec")
-    ('mptrec', 'mptrec_res', 'fw', 'tes')
+    ('mptrec', 'mptrec_res', 'mptrec_emb', 'fw', 'tes')
+    >>> id_reading_methods("mptrec"), id_reading_methods("mmoe")
+    (('mptrec_emb',), ())
     >>> "ple*" in all_new_task_methods(), new_task_methods("nope")
     (True, ())
 """
@@ -29,6 +33,7 @@ __all__ = [
     "ModelBuilder",
     "all_new_task_methods",
     "build_model",
+    "id_reading_methods",
     "new_task_methods",
     "register_model",
 ]
@@ -38,10 +43,12 @@ class ModelBuilder(Protocol):
     """Builds a model from its config and the (possibly meta-device) EBC (a model class is one).
 
     ``new_task_methods``: the new-task methods whose heads fit the models it builds
-    (:attr:`MultiTaskModel.new_task_methods`).
+    (:attr:`MultiTaskModel.new_task_methods`); ``id_reading_methods``: those among them whose
+    heads read each row's sparse ids.
     """
 
     new_task_methods: tuple[str, ...]
+    id_reading_methods: tuple[str, ...]
 
     def __call__(
         self,
@@ -117,6 +124,12 @@ def new_task_methods(model_name: str) -> tuple[str, ...]:
     """The new-task methods that fit a base model of registered name ``model_name`` (none if unknown)."""
     builder = MODELS.get(model_name)
     return tuple(builder.new_task_methods) if builder is not None else ()
+
+
+def id_reading_methods(model_name: str) -> tuple[str, ...]:
+    """The new-task methods of ``model_name`` whose heads read each row's ids (single-valued inputs only)."""
+    builder = MODELS.get(model_name)
+    return tuple(builder.id_reading_methods) if builder is not None else ()
 
 
 def all_new_task_methods() -> tuple[str, ...]:

@@ -213,6 +213,8 @@ def static_figures(run_cfg: RunConfig, features: Sequence[FeatureSpec], task_cfg
     dense, kjt = _synthetic_inputs(features, _FLOP_BATCH)
     with torch.no_grad():
         feats = small.features(dense, kjt)
+    if small_head.needs_ids:
+        feats["ids"] = small.feature_ids(kjt)
     f_head = forward_flops_per_sample(small_head, feats)
     f_full = forward_flops_per_sample(_model(run_cfg, features, tasks, "cpu"), dense, kjt)
     return {

@@ -233,6 +233,12 @@ class ServingModule(nn.Module):
         if tables.names != backbone.sparse_features:
             raise ValueError(f"tables {tables.names} are not the backbone's sparse features "
                              f"{backbone.sparse_features} in order")
+        lists = [n for n, multi in zip(tables.names, tables.multi) if multi]
+        readers = [n for n, h in heads.items() if h.needs_ids]
+        if readers and lists:
+            raise ValueError(f"heads {readers} read each row's ids, which needs single-valued features; "
+                             f"{lists} are list features")
+        self.needs_ids: bool = bool(readers)
         backbone._modules["ebc"] = tables  # embed() calls self.ebc(sparse).to_dict()
         self.backbone: MultiTaskModel = backbone
         self.heads = nn.ModuleDict(dict(heads))
@@ -254,6 +260,8 @@ class ServingModule(nn.Module):
         """
         feats = self.backbone.features(dense, cast(Any, SparseBatch(values, lengths)))
         out = self.backbone.logits_from_features(feats)
+        if self.needs_ids:  # single-valued features: values[i] holds one id per row
+            feats = {**feats, "ids": torch.stack(values, dim=1)}
         for name, head in self.heads.items():
             out[name] = head(feats)
         return {t: out[t] for t in self.task_names}

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mptrec.models.registry import new_task_methods
+from mptrec.models.registry import id_reading_methods, new_task_methods
 from mptrec.pipeline.build import check_label, resolve_run_features
 from mptrec.pipeline.config import NewTaskSpec, RunConfig
 from mptrec.pipeline.rundir import RunDirError, hash_checkpoint, load_run_config, resolve_path
@@ -48,6 +48,14 @@ def _check_features(cfg: NewTaskSpec, run_cfg: RunConfig, schema: Mapping[str, A
             f"{where}: exclude_features {leaked} are inputs of the base model of run "
             f"{run_cfg.name!r}; prompt tuning cannot remove an input, pre-train without them"
         )
+    if cfg.method in id_reading_methods(run_cfg.model.name):
+        lists = [f.name for f in inputs if f.multivalent]
+        if lists:
+            raise RunDirError(
+                f"{where}: method {cfg.method!r} gives the new task its own offsets of each id's "
+                f"embedding and needs every sparse input single-valued; {lists} are list features "
+                f"(use mptrec_res)"
+            )
     if cfg.label in used:
         raise RunDirError(
             f"{where}: label column {cfg.label!r} is an input feature of the base model "

@@ -256,3 +256,51 @@ def test_mptrec_res_head_starts_as_mptrec_and_stays_under_ten_percent() -> None:
     with torch.no_grad():
         res.residual[1].weight.normal_()
     assert not torch.allclose(res(feats), base(feats))  # the path is live once B moves
+
+
+def test_mptrec_emb_head_starts_as_mptrec_moves_its_own_rows_and_stays_under_ten_percent() -> None:
+    from mptrec.models.mptrec import MPTRecNewTaskHead
+
+    # Census-sized: 11 dense columns, 28 width-4 tables of 471 rows in all (the sizes are made up)
+    vocab = [9, 17, 3, 24, 16, 47, 10, 6, 2, 3, 3, 38, 8, 6, 6, 51, 38, 8, 10, 9, 10, 3, 4, 5, 42, 42, 43, 8]
+    assert sum(vocab) == 471 and len(vocab) == 28
+    kw = {"input_dim": 123, "hidden_dim": 128, "num_tasks": 2, "tower_hidden": (64, 32), "tau": 150.0}
+    torch.manual_seed(0)
+    base = MPTRecNewTaskHead("t3", "mptrec", **kw)  # type: ignore[arg-type]
+    emb = MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=[(v, 4) for v in vocab], dense_dim=11)  # type: ignore[arg-type]
+    n_emb = sum(p.numel() for p in emb.parameters())
+    assert n_emb == 27_063 + 4 * 471 + 1 * (123 + 128) == 29_198 and n_emb / 293_060 < 0.10
+    assert emb.needs_ids and not base.needs_ids
+    emb.load_state_dict(base.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randint(0, v, (6,), generator=g) for v in vocab], dim=1)
+    feats = {"e": torch.rand(6, 123), "h_shared": torch.rand(6, 128), "h_specific": torch.rand(6, 2, 128),
+             "prompts": torch.randn(2, 128), "ids": ids}
+    torch.testing.assert_close(emb(feats), base(feats))  # delta = 0 and B = 0 at initialisation
+    assert float(emb.l2_penalty()) == float(emb.tower.weight_l2())
+    # a row's offset moves exactly that row's block of e (dense columns never move)
+    assert emb.deltas is not None
+    with torch.no_grad():
+        emb.deltas[3][int(ids[0, 3])] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    shifted = emb.shifted_input(feats["e"], ids)
+    moved = (shifted != feats["e"]).nonzero().tolist()
+    rows_with_id = (ids[:, 3] == ids[0, 3]).nonzero().flatten().tolist()
+    assert {r for r, _ in moved} == set(rows_with_id)
+    assert {c for _, c in moved} == set(range(11 + 12, 11 + 16))
+    assert float(emb.l2_penalty()) == pytest.approx(float(emb.tower.weight_l2()) + 15.0)
+    # every offset gets a gradient only through the rows that use it
+    emb.zero_grad()
+    emb(feats).sum().backward()
+    assert emb.deltas[0].grad is not None
+    unused = sorted(set(range(vocab[0])) - set(ids[:, 0].tolist()))
+    assert unused and not emb.deltas[0].grad[unused].any()
+
+
+def test_mptrec_emb_needs_tables_that_make_up_the_input() -> None:
+    from mptrec.models.mptrec import MPTRecNewTaskHead
+
+    kw = {"input_dim": 10, "hidden_dim": 8, "num_tasks": 2, "tower_hidden": (4,), "tau": 1.0}
+    with pytest.raises(ValueError, match="needs id_tables"):
+        MPTRecNewTaskHead("t3", "mptrec_emb", **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="do not make up"):
+        MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=[(5, 4)], dense_dim=2)  # type: ignore[arg-type]

@@ -548,3 +548,41 @@ def test_export_of_a_task_subset(served: dict[str, Path], capsys: pytest.Capture
     got, full = _read(served["tmp"] / "subset.parquet"), _predict(served, "b", "full")
     assert list(got) == ["sample_id", "ctr_prob", "ctr_logit", "scen_prob", "scen_logit"]
     assert all(np.array_equal(got[k], full[k]) for k in got)
+
+
+def test_head_reading_ids_exports_and_refuses_list_features() -> None:
+    """``mptrec_emb`` reads each row's ids: the program matches NewTaskModel; list features are refused."""
+    torch.manual_seed(0)
+    features = [FeatureSpec("d0", kind="dense"), FeatureSpec("a", num_embeddings=7, embedding_dim=4),
+                FeatureSpec("b", num_embeddings=5, embedding_dim=4)]
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=n, feature_names=[f])
+        for f, n in (("a", 7), ("b", 5))])
+    base = build_model(ModelConfig(expert_hidden=(16, 8), tower_hidden=(4,)), ebc,
+                       sparse_features=["a", "b"], dense_dim=1, task_names=["ctr", "cvr"])
+    head = base.new_task_head("t3", "mptrec_emb")
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()  # offsets and residual away from their zero start
+    model = NewTaskModel(base, {"t3": head}).eval()
+    serving = _serving(model, features)
+    dense = torch.rand(6, 1)
+    values = [torch.tensor([0, 1, 2, 3, 4, 6]), torch.tensor([4, 3, 2, 1, 0, 0])]
+    lengths = [torch.ones(6, dtype=torch.long)] * 2
+    with torch.no_grad():
+        want = model(dense, KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.cat(values), torch.cat(lengths)))
+        plain = base.new_task_head("t3", "mptrec")
+        plain.load_state_dict(head.state_dict(), strict=False)
+        feats = base.features(dense, KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.cat(values),
+                                                                         torch.cat(lengths)))
+    assert not torch.allclose(want["t3"], plain(feats))  # the offsets change the new task's logits
+    program = export_program(serving, features).module()
+    with torch.inference_mode():
+        got, eager = program(dense, values, lengths), serving(dense, values, lengths)
+    for t in want:
+        assert torch.equal(got[t], eager[t]), t
+        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
+    listed, list_features = _fresh_model(0)
+    with pytest.raises(ValueError, match=r"read each row's ids.*\['l'\] are list features"):
+        _serving(NewTaskModel(listed.backbone, {"t4": listed.backbone.new_task_head("t4", "mptrec_emb")}),
+                 list_features)

@@ -306,3 +306,47 @@ def test_prompt_tune_refuses_a_changed_base_checkpoint(tmp_path: Path) -> None:
     (run / "checkpoints" / "best" / "__0_0.distcp").write_bytes(b"retrained")
     with pytest.raises(RunDirError, match="changed since registration"):
         setup_stage2(run, "scenario", torch.device("cpu"))
+
+
+def _stage2_emb(rank: int, world: int, run: str, stage1_logits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Register (rank 0) and prompt-tune ``mptrec_emb`` on the same run; check what it promises."""
+    from mptrec.pipeline.sharding import unwrap_dmp
+    from mptrec.pipeline.tasks.prompt_tuning import run_stage2, setup_stage2
+    from mptrec.pipeline.tasks.store import register_task
+    from mptrec.pipeline.tasks.union import backbone_digest
+
+    if rank == 0:
+        toml = Path(run) / "scen_emb.toml"
+        toml.write_text(TASK_TOML.replace('name = "scen"', 'name = "scen_emb"')
+                        .replace('method = "mptrec"', 'method = "mptrec_emb"'))
+        register_task(run, toml)
+    torch.distributed.barrier()
+    s = setup_stage2(run, "scen_emb", torch.device("cpu"))
+    loaded = backbone_digest(s.sharded.backbone)
+    result = run_stage2(s, progress=False)
+    batch = fixed_batch(Path(stage1_logits["data"].item()), s.sharded.features)
+    s.sharded.dmp.eval()
+    with torch.no_grad():
+        after = unwrap_dmp(s.sharded.dmp)(batch.dense_features, batch.sparse_features)
+    return {
+        "old_identical": all(np.array_equal(after[t].numpy(), stage1_logits[t]) for t in ("ctr", "cvr")),
+        "digest_unchanged": backbone_digest(s.sharded.backbone) == loaded,
+        "moved_rows": [int((t.detach().abs().sum(1) > 0).sum()) for t in s.head.deltas],
+        "rows": [int(t.shape[0]) for t in s.head.deltas],
+        "deltas": [t.detach().numpy().copy() for t in s.head.deltas],
+        "metrics": result["metrics"],
+    }
+
+
+@pytest.mark.slow
+def test_prompt_tuning_with_own_embedding_offsets(stage2_run: dict[str, Any]) -> None:
+    """``mptrec_emb`` moves its own copy of the ids' embeddings; the backbone and old tasks stay put."""
+    logits = {**stage2_run["stage1"]["logits"], "data": np.array(str(stage2_run["data"]))}
+    r0, r1 = run_multiprocess(_stage2_emb, 2, str(stage2_run["run"]), logits)
+    for r in (r0, r1):
+        assert r["old_identical"] and r["digest_unchanged"]
+        assert r["rows"] == [VOCAB[f] for f in ("f0", "f1", "f2", "f3")]
+        assert all(0 < moved <= n for moved, n in zip(r["moved_rows"], r["rows"])), r["moved_rows"]
+    assert all(np.array_equal(a, b) for a, b in zip(r0["deltas"], r1["deltas"]))  # replicated
+    assert r0["metrics"]["valid_auc"] > 0.6, r0["metrics"]
+    assert all(h["cached_features"] for h in r0["metrics"]["valid_history"])  # ids ride in the cache

@@ -240,3 +240,16 @@ def test_artifact_hash_ties_the_entry_to_the_head_bytes(tmp_path: Path) -> None:
     head.write_bytes(b"head-v2")  # a re-run died after replacing the head, before the registry update
     with pytest.raises(RunDirError, match=r"is not the one registered \(sha256"):
         check_artifact(run, load_task_store(run)["tasks"]["scenario"])
+
+
+def test_id_reading_method_needs_single_valued_inputs(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "single")
+    assert register_task(run, task_toml(tmp_path, method="mptrec_emb"))["method"] == "mptrec_emb"
+    listed = make_run(tmp_path / "listed")
+    schema = json.loads((tmp_path / "listed" / "data" / "schema.json").read_text())
+    schema["features"].append({"name": "210", "column": "210", "kind": "sparse", "num_embeddings": 8,
+                               "multivalent": True, "pooling": "mean"})
+    (tmp_path / "listed" / "data" / "schema.json").write_text(json.dumps(schema))
+    register_task(listed, task_toml(tmp_path, method="mptrec_res"))  # a list input is fine for it
+    with pytest.raises(RunDirError, match=r"method 'mptrec_emb' .* \['210'\] are list features"):
+        register_task(listed, task_toml(tmp_path, name="scenario2", method="mptrec_emb"))
