@@ -1,7 +1,8 @@
 """Ali-CCP sample files (AITM / torch-rechub CSV, PaddleRec ``field:id`` text) -> Parquet shards.
 
 All quirks of these formats stay here; the raw Tianchi format is in
-:mod:`mptrec.data_loaders.aliccp_raw` and shares the helpers below.
+:mod:`mptrec.data_loaders.aliccp_raw`; the token policy and the counting and encoding of
+parsed token rows, shared by PaddleRec and raw, in :mod:`mptrec.data_loaders.aliccp_tokens`.
 
 * CSV (``aliccp-csv``): header ``click,purchase,<field>...,[D<field>...]``. The sparse ids are
   already encoded by the source's preprocessing and are kept as given (table size = largest id
@@ -17,7 +18,6 @@ All quirks of these formats stay here; the raw Tianchi format is in
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,12 +28,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from mptrec.data_loaders.aliccp_tokens import (
+    TokenRow,
+    count_tokens,
+    count_unused_fields,
+    encode_token_rows,
+    token_problem,
+)
 from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, SCHEMA_VERSION, assign_splits, write_schema
 from mptrec.data_loaders.schema import ALICCP_FIELDS, ALICCP_LABELS, ALICCP_MULTI_FIELDS, DataError
 from mptrec.data_loaders.shard_writer import file_sources, staged_out_dir, write_table_splits
 from mptrec.data_loaders.vocab import Vocabulary
-
-TokenRow = dict[str, list[str]]
 
 
 def aliccp_arrow_schema(multi_fields: Sequence[str] = ALICCP_MULTI_FIELDS) -> pa.Schema:
@@ -69,83 +74,6 @@ def aliccp_schema(
         "splits": splits,
         **extra,
     }
-
-
-_FIELD_CODE = re.compile(r"^[0-9]+(_[0-9]+)?$")
-
-
-def token_problem(field: str, fid: str) -> str:
-    """Why a ``field``/``id`` pair of a token format is rejected ("" when it is fine).
-
-    Policy (the token formats ``aliccp-paddle`` and ``aliccp-raw``): a field is an Ali-CCP
-    field code, digits with an optional ``_digits`` suffix (``205``, ``109_14``); an id is a
-    non-negative decimal integer (ASCII digits). Anything else (``itm:917``, ``205:abc``,
-    ``205:-3``) is a malformed token, rejected naming file, line, field and value, never
-    dropped or encoded silently. Field codes that are well formed but not among the converted
-    fields (e.g. ``999``) are ignored and counted in schema.json ``stats.unused_field_tokens``.
-    """
-    if not _FIELD_CODE.match(field):
-        return f"field {field!r} is not an Ali-CCP field code (digits, optionally _digits)"
-    if not (fid.isascii() and fid.isdigit()):
-        return f"field {field!r}: id {fid!r} is not a non-negative integer"
-    return ""
-
-
-def count_unused_fields(rows: Sequence[TokenRow], unused: Counter[str]) -> None:
-    """Count the tokens of well-formed field codes that are not converted (not in ALICCP_FIELDS)."""
-    known = set(ALICCP_FIELDS)
-    for row in rows:
-        for field, values in row.items():
-            if field not in known:
-                unused[field] += len(values)
-
-
-def count_tokens(
-    rows: Sequence[TokenRow], counts: dict[str, Counter[str]], multi_fields: Sequence[str]
-) -> None:
-    """Add the field values of ``rows`` to ``counts`` (single-valued fields: the kept, last value)."""
-    for row in rows:
-        for field, values in row.items():
-            if field in counts:
-                counts[field].update(values if field in multi_fields else values[-1:])
-
-
-def encode_token_rows(
-    rows: Sequence[TokenRow],
-    vocab: Vocabulary,
-    multi_fields: Sequence[str],
-    multi_value_rows: Counter[str],
-) -> tuple[dict[str, npt.NDArray[np.int64]], dict[str, tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]]]:
-    """Encode rows of ``field -> [raw ids]`` into columns.
-
-    Args:
-        rows: parsed rows.
-        vocab: fitted vocabulary (unknown values -> 0).
-        multi_fields: fields kept as lists.
-        multi_value_rows: counter of rows where a single-valued field had several values (last kept).
-
-    Returns:
-        ``(singles, multis)``: single field -> int64 ids (-1 where the row lacks the field);
-        multi field -> (lengths int32, flat values int64).
-    """
-    n = len(rows)
-    singles = {f: np.full(n, -1, dtype=np.int64) for f in ALICCP_FIELDS if f not in multi_fields}
-    multi_vals: dict[str, list[int]] = {f: [] for f in multi_fields}
-    multi_lens = {f: np.zeros(n, dtype=np.int32) for f in multi_fields}
-    for i, row in enumerate(rows):
-        for field, values in row.items():
-            ids = vocab.ids.get(field)
-            if ids is None:
-                continue
-            if field in multi_vals:
-                multi_vals[field].extend([ids.get(v, 0) for v in values])
-                multi_lens[field][i] = len(values)
-            else:
-                if len(values) > 1:
-                    multi_value_rows[field] += 1
-                singles[field][i] = ids.get(values[-1], 0)
-    multis = {f: (multi_lens[f], np.asarray(multi_vals[f], dtype=np.int64)) for f in multi_fields}
-    return singles, multis
 
 
 def list_array(lengths: npt.NDArray[np.integer[Any]], values: npt.NDArray[np.int64]) -> pa.ListArray:
@@ -224,6 +152,29 @@ def _read_paddle_pool(
     return click, buy, rows, codes
 
 
+def _encode_paddle(
+    rows: list[TokenRow],
+    click: npt.NDArray[np.int8],
+    buy: npt.NDArray[np.int8],
+    train: list[TokenRow],
+    min_count: int,
+    multi_fields: Sequence[str],
+) -> tuple[pa.Table, Vocabulary, Counter[str]]:
+    """Fit the vocabulary on the ``train`` rows and encode all rows into a table.
+
+    Also returns, per field, the rows where a single-valued field kept the last of several values.
+    """
+    counts: dict[str, Counter[str]] = {f: Counter() for f in ALICCP_FIELDS}
+    count_tokens(train, counts, multi_fields)
+    vocab = Vocabulary.fit(counts, min_count=min_count)
+    multi_rows: Counter[str] = Counter()
+    singles, multis = encode_token_rows(rows, vocab, multi_fields, multi_rows)
+    cols: dict[str, Any] = {"click": click, "purchase": buy}
+    for f in ALICCP_FIELDS:
+        cols[f] = list_array(*multis[f]) if f in multi_fields else np.maximum(singles[f], 0)
+    return pa.table(cols, schema=aliccp_arrow_schema(multi_fields)), vocab, multi_rows
+
+
 def convert_aliccp_paddle(
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
@@ -267,15 +218,8 @@ def convert_aliccp_paddle(
         keep = ~((click == 0) & (buy == 1)) if drop_purchase_without_click else np.ones(len(rows), bool)
         rows = [r for r, k in zip(rows, keep) if k]
         click, buy, codes = click[keep], buy[keep], codes[keep]
-        counts: dict[str, Counter[str]] = {f: Counter() for f in ALICCP_FIELDS}
-        count_tokens([r for r, c in zip(rows, codes) if c == names.index("train")], counts, multi_fields)
-        vocab = Vocabulary.fit(counts, min_count=min_count)
-        multi_rows: Counter[str] = Counter()
-        singles, multis = encode_token_rows(rows, vocab, multi_fields, multi_rows)
-        cols: dict[str, Any] = {"click": click, "purchase": buy}
-        for f in ALICCP_FIELDS:
-            cols[f] = list_array(*multis[f]) if f in multi_fields else np.maximum(singles[f], 0)
-        table = pa.table(cols, schema=aliccp_arrow_schema(multi_fields))
+        train = [r for r, c in zip(rows, codes) if c == names.index("train")]
+        table, vocab, multi_rows = _encode_paddle(rows, click, buy, train, min_count, multi_fields)
         splits_meta, stats = write_table_splits(
             out, table, codes, names, shards, row_group_size, ALICCP_LABELS
         )

@@ -34,14 +34,9 @@ import numpy.typing as npt
 import pyarrow as pa
 from tqdm import tqdm
 
-from mptrec.data_loaders.aliccp import (
-    TokenRow,
-    aliccp_arrow_schema,
-    aliccp_schema,
-    encode_token_rows,
-    list_array,
-)
+from mptrec.data_loaders.aliccp import aliccp_arrow_schema, aliccp_schema, list_array
 from mptrec.data_loaders.aliccp_raw_lines import LineReader, count_lines, parse_line
+from mptrec.data_loaders.aliccp_tokens import TokenRow, encode_token_rows
 from mptrec.data_loaders.layout import DEFAULT_ROW_GROUP_SIZE, assign_splits, write_schema
 from mptrec.data_loaders.schema import ALICCP_FIELDS, ALICCP_MULTI_FIELDS, DataError
 from mptrec.data_loaders.shard_writer import SplitWriter, file_sources, staged_out_dir
@@ -265,30 +260,11 @@ def convert_aliccp_raw(
         codes, kept, vocab, dropped = _fit_vocabulary(
             files, split, seed, names, drop_purchase_without_click, budget, multi_fields, min_count
         )
-        schema = aliccp_arrow_schema(multi_fields)
-        writers = [
-            SplitWriter(out, name, kept[i], shards, schema, row_group_size) for i, name in enumerate(names)
-        ]
-        multi_rows: Counter[str] = Counter()
-        positives = np.zeros((len(names), 2), dtype=np.int64)
-        budget = [max_bad_lines]  # pass 4 sees the same bad lines again
-        for inp in files:
-            _write_input(inp, codes, vocab, multi_fields, drop_purchase_without_click, budget, writers,
-                         positives, multi_rows)
-        splits_meta = {name: w.close() for name, w in zip(names, writers)}
-        stats: dict[str, Any] = {
-            name: {
-                "rows": kept[i],
-                "click_positives": int(positives[i, 0]),
-                "purchase_positives": int(positives[i, 1]),
-            }
-            for i, name in enumerate(names)
-        }
-        stats.update(
-            dropped_purchase_without_click=dropped,
-            bad_lines_skipped=max_bad_lines - budget[0],
-            multi_value_rows_last_kept=dict(multi_rows),
+        splits_meta, stats, counts = _write_splits(
+            out, files, names, kept, codes, vocab, multi_fields, drop_purchase_without_click, max_bad_lines,
+            shards, row_group_size,
         )
+        stats.update(dropped_purchase_without_click=dropped, **counts)
         vocab.save(out)
         result = aliccp_schema(
             {f: vocab.num_embeddings(f) for f in ALICCP_FIELDS},
@@ -335,6 +311,47 @@ def _fit_vocabulary(
         if use:
             _count_common(inp, use, counts, budget, multi_fields)
     return codes, kept, Vocabulary.fit(counts, min_count=min_count), dropped
+
+
+def _write_splits(
+    out: Path,
+    files: list[_Input],
+    names: list[str],
+    kept: list[int],
+    codes: npt.NDArray[np.int8],
+    vocab: Vocabulary,
+    multi_fields: Sequence[str],
+    drop: bool,
+    max_bad_lines: int,
+    shards: int,
+    row_group_size: int,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Pass 4: write every input to the split shards.
+
+    Returns:
+        The splits' metadata; rows and positives per split; the counts of bad lines skipped and
+        of multi-valued rows that kept their last value.
+    """
+    schema = aliccp_arrow_schema(multi_fields)
+    writers = [
+        SplitWriter(out, name, kept[i], shards, schema, row_group_size) for i, name in enumerate(names)
+    ]
+    multi_rows: Counter[str] = Counter()
+    positives = np.zeros((len(names), 2), dtype=np.int64)
+    budget = [max_bad_lines]  # pass 4 sees the same bad lines again
+    for inp in files:
+        _write_input(inp, codes, vocab, multi_fields, drop, budget, writers, positives, multi_rows)
+    splits_meta = {name: w.close() for name, w in zip(names, writers)}
+    stats: dict[str, Any] = {
+        name: {
+            "rows": kept[i],
+            "click_positives": int(positives[i, 0]),
+            "purchase_positives": int(positives[i, 1]),
+        }
+        for i, name in enumerate(names)
+    }
+    counts = {"bad_lines_skipped": max_bad_lines - budget[0], "multi_value_rows_last_kept": dict(multi_rows)}
+    return splits_meta, stats, counts
 
 
 def _write_input(

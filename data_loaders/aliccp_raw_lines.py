@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from mptrec.data_loaders.aliccp import TokenRow, token_problem
+from mptrec.data_loaders.aliccp_tokens import TokenRow, token_problem
 from mptrec.data_loaders.schema import DataError
 
 

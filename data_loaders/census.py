@@ -115,6 +115,21 @@ def _load_pool(paths: Sequence[str | os.PathLike[str]]) -> tuple[dict[str, npt.N
     return cols, where
 
 
+def _features(dense_cols: Sequence[str], vocab: Vocabulary) -> list[dict[str, Any]]:
+    """schema.json ``features``: the dense columns first, then the sparse ones."""
+    sparse = [
+        {
+            "name": c,
+            "column": c,
+            "kind": "sparse",
+            "num_embeddings": vocab.num_embeddings(c),
+            "multivalent": False,
+        }
+        for c in CENSUS_SPARSE
+    ]
+    return [{"name": c, "column": c, "kind": "dense"} for c in dense_cols] + sparse
+
+
 def _encode(
     cols: dict[str, npt.NDArray[Any]],
     where: Sequence[str],
@@ -188,20 +203,10 @@ def convert_census(
             out, table, codes, names, shards, row_group_size, CENSUS_LABELS
         )
         vocab.save(out, extra={"dense_min_max": scaling})
-        sparse = [
-            {
-                "name": c,
-                "column": c,
-                "kind": "sparse",
-                "num_embeddings": vocab.num_embeddings(c),
-                "multivalent": False,
-            }
-            for c in CENSUS_SPARSE
-        ]
         schema = {
             "dataset": "census",
             "version": SCHEMA_VERSION,
-            "features": [{"name": c, "column": c, "kind": "dense"} for c in dense_cols] + sparse,
+            "features": _features(dense_cols, vocab),
             "labels": {
                 "income": {"values": [0, 1]},
                 "marital": {"values": [0, 1]},

@@ -303,25 +303,9 @@ def generate_aliccp(
         ]
         probs, labels, positives = _write_blocks(model, seed, rows, bounds, writers)
         splits_meta = {w.split: w.close() for w in writers}
-        bayes, realized, seen = {}, {}, {}
-        for k in probs:
-            p_all = np.concatenate(probs[k]).astype(np.float64)
-            y_all = np.concatenate(labels[k]).astype(np.float64)
-            if k.endswith("@inputs"):
-                seen[k.removesuffix("@inputs")] = round(auc(p_all, y_all, 1.0 - y_all), 6)
-                continue
-            bayes[k] = round(auc(p_all, p_all, 1.0 - p_all, self_pairs=True), 6)
-            realized[k] = round(auc(p_all, y_all, 1.0 - y_all), 6)
+        bayes, realized, seen = _planted_aucs(probs, labels)
         vocab = {**ALICCP_VOCAB_SIZES, **ALICCP_ASSUMED_VOCAB_SIZES}
-        stats = {
-            s: {
-                "rows": bounds[i + 1] - bounds[i],
-                "click_positives": int(positives[i, 0]),
-                "purchase_positives": int(positives[i, 1]),
-                "301_not_2": int(positives[i, 2]),
-            }
-            for i, s in enumerate(split)
-        }
+        stats = _split_stats(split, bounds, positives)
         settings = {"seed": seed, "rows": rows, "click_rate": click_rate, "purchase_rate": purchase_rate,
                     "scenario2_rate": scenario2_rate, "split": split}
         result = aliccp_schema(
@@ -346,6 +330,43 @@ def generate_aliccp(
         result["labels"]["301"] = {"values": [1, 2, 3]}
         write_schema(out, result)
         return result
+
+
+def _planted_aucs(
+    probs: Mapping[str, list[F]], labels: Mapping[str, list[npt.NDArray[np.int8]]]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """The AUCs of schema.json, per label, rounded to 6 digits.
+
+    Returns:
+        ``bayes_auc`` (expected AUC of the planted probabilities), ``bayes_auc_realized`` (their
+        AUC against the drawn labels) and ``bayes_auc_inputs`` (that of the ``@inputs``
+        probabilities against the drawn labels).
+    """
+    bayes, realized, seen = {}, {}, {}
+    for k in probs:
+        p_all = np.concatenate(probs[k]).astype(np.float64)
+        y_all = np.concatenate(labels[k]).astype(np.float64)
+        if k.endswith("@inputs"):
+            seen[k.removesuffix("@inputs")] = round(auc(p_all, y_all, 1.0 - y_all), 6)
+            continue
+        bayes[k] = round(auc(p_all, p_all, 1.0 - p_all, self_pairs=True), 6)
+        realized[k] = round(auc(p_all, y_all, 1.0 - y_all), 6)
+    return bayes, realized, seen
+
+
+def _split_stats(
+    split: Mapping[str, float], bounds: list[int], positives: npt.NDArray[np.int64]
+) -> dict[str, dict[str, int]]:
+    """schema.json ``stats``: rows and positives (click, purchase, 301 != 2) per split."""
+    return {
+        s: {
+            "rows": bounds[i + 1] - bounds[i],
+            "click_positives": int(positives[i, 0]),
+            "purchase_positives": int(positives[i, 1]),
+            "301_not_2": int(positives[i, 2]),
+        }
+        for i, s in enumerate(split)
+    }
 
 
 def _write_blocks(

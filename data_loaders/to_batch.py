@@ -297,8 +297,48 @@ def gather_arrays(
     y = np.empty((len(labels), n), dtype=np.float32)
     sample_ids = np.empty(n, dtype=np.int64)
     lengths = np.ones(n * len(sparse_specs), dtype=np.int32)
-    # per key, per segment: (flat ids, index into them); lengths of multi-valued keys filled here
-    sources: list[list[tuple[npt.NDArray[Any], npt.NDArray[np.int64]]]] = []
+    sources = _id_sources(segments, sparse_specs, bounds, lengths)
+    for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
+        for j, f in enumerate(dense_specs):
+            dense[a:b, j] = column_numpy(table.column(f.column))[rows]
+        for i, lab in enumerate(labels):
+            raw = column_numpy(table.column(lab.column))[rows]
+            y[i, a:b] = np.isin(raw, lab.positive_values) if lab.positive_values else raw
+        if SAMPLE_ID_COLUMN in table.column_names:
+            sample_ids[a:b] = column_numpy(table.column(SAMPLE_ID_COLUMN))[rows]
+        else:
+            sample_ids[a:b] = rows
+    length_per_key = [sum(int(index.shape[0]) for _, index in parts) for parts in sources]
+    values = _gather_ids(sparse_specs, sources, length_per_key, oov_policy, where, checked)
+    return BatchArrays(
+        keys=[f.name for f in sparse_specs],
+        multi=[f.multivalent for f in sparse_specs],
+        dense=dense,
+        values=values,
+        lengths=lengths,
+        length_per_key=length_per_key,
+        labels=y,
+        label_names=[lab.name for lab in labels],
+        sample_ids=sample_ids,
+    )
+
+
+#: Per sparse key, per segment: the column's flat ids and the index into them of the rows wanted.
+_IdSources: TypeAlias = "list[list[tuple[npt.NDArray[Any], npt.NDArray[np.int64]]]]"
+
+
+def _id_sources(
+    segments: Sequence[Segment],
+    sparse_specs: Sequence[FeatureSpec],
+    bounds: list[int],
+    lengths: npt.NDArray[np.int32],
+) -> _IdSources:
+    """Where each sparse key's ids lie, per segment; fills the multi-valued keys' ``lengths``.
+
+    ``lengths`` is key-major (``F * n``); ``bounds`` are the segments' first output rows (and ``n``).
+    """
+    n = bounds[-1]
+    sources: _IdSources = []
     for k, f in enumerate(sparse_specs):
         parts = []
         for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
@@ -311,17 +351,18 @@ def gather_arrays(
             else:
                 parts.append((column_numpy(col), rows))
         sources.append(parts)
-    for (table, rows), a, b in zip(segments, bounds, bounds[1:]):
-        for j, f in enumerate(dense_specs):
-            dense[a:b, j] = column_numpy(table.column(f.column))[rows]
-        for i, lab in enumerate(labels):
-            raw = column_numpy(table.column(lab.column))[rows]
-            y[i, a:b] = np.isin(raw, lab.positive_values) if lab.positive_values else raw
-        if SAMPLE_ID_COLUMN in table.column_names:
-            sample_ids[a:b] = column_numpy(table.column(SAMPLE_ID_COLUMN))[rows]
-        else:
-            sample_ids[a:b] = rows
-    length_per_key = [sum(int(index.shape[0]) for _, index in parts) for parts in sources]
+    return sources
+
+
+def _gather_ids(
+    sparse_specs: Sequence[FeatureSpec],
+    sources: _IdSources,
+    length_per_key: list[int],
+    oov_policy: OovPolicy,
+    where: str,
+    checked: bool,
+) -> npt.NDArray[np.int64]:
+    """The ids of every sparse key, key-major, gathered from ``sources`` (ids fixed per ``oov_policy``)."""
     values = np.empty(sum(length_per_key), dtype=np.int64)
     pos = 0
     for f, parts, size in zip(sparse_specs, sources, length_per_key):
@@ -337,17 +378,7 @@ def gather_arrays(
         if not (checked and oov_policy == "error"):
             out[...] = fix_ids(out, f.num_embeddings, oov_policy, where, f.column)
         pos += size
-    return BatchArrays(
-        keys=[f.name for f in sparse_specs],
-        multi=[f.multivalent for f in sparse_specs],
-        dense=dense,
-        values=values,
-        lengths=lengths,
-        length_per_key=length_per_key,
-        labels=y,
-        label_names=[lab.name for lab in labels],
-        sample_ids=sample_ids,
-    )
+    return values
 
 
 def table_to_batch(
