@@ -10,7 +10,8 @@ config has ``r_emb = 0``).
 
 Stage 2 (:func:`build_prompt_tuner`): the stage-1 model plus a new head in a ``NewTaskModel``
 (frozen backbone: ``requires_grad`` off, eval mode, ``no_grad`` forward), sharded with no
-optimizer on the tables, Adam over the head only; the step is the one of
+optimizer on the tables (:func:`mptrec.pipeline.tasks.union.shard_with_heads`, the job's
+builder less the checkpoint load), Adam over the head only; the step is the one of
 :mod:`mptrec.pipeline.tasks.tuning_loop` (forward, BCE + ``r_dnn`` x the new tower's L2, backward,
 Adam). The backbone is freshly initialised rather than loaded from a checkpoint: throughput
 does not depend on the weights' values.
@@ -35,7 +36,8 @@ from mptrec.models import NewTaskModel
 from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
-from mptrec.pipeline.sharding import shard_model, unwrap_dmp
+from mptrec.pipeline.sharding import unwrap_dmp
+from mptrec.pipeline.tasks.union import shard_with_heads
 from mptrec.pipeline.train.loop import bf16_autocast, make_stepper
 from mptrec.pipeline.train.pretrain import shard_for_training
 
@@ -157,11 +159,8 @@ def build_prompt_tuner(
     seed: int = 0,
 ) -> PromptTuner:
     """Frozen stage-1 backbone + a fresh new-task head, sharded without any table optimizer."""
-    backbone, features = build_from_config(cfg, schema)
-    torch.manual_seed(seed)
-    head = backbone.new_task_head(NEW_TASK.name, method, tuple(cfg.model.tower_hidden))
-    module = NewTaskModel(backbone, {NEW_TASK.name: head})
-    sharded = shard_model(module, features, cfg.sharding, None, CPU, group, batch_size=cfg.data.batch_size)
+    sharded, _ = shard_with_heads(cfg, schema, CPU, {NEW_TASK.name: (method, cfg.model.tower_hidden)},
+                                  seed=seed, batch_size=cfg.data.batch_size, group=group)
     inner = unwrap_dmp(sharded.dmp)
     if not isinstance(inner, NewTaskModel):
         raise TypeError(f"expected a NewTaskModel inside DMP, got {type(inner).__name__}")

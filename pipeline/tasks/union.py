@@ -12,7 +12,9 @@ the content hash recorded for the head (``base_checkpoint_sha256``), else a
 :class:`~mptrec.pipeline.rundir.RunDirError` names the task and both checkpoints.
 
 :func:`build_run_model` is the shared builder, also used by the stage-2 job
-(:mod:`mptrec.pipeline.tasks.prompt_tuning`) with a fresh trainable head.
+(:mod:`mptrec.pipeline.tasks.prompt_tuning`) with a fresh trainable head; its build, add-heads
+and shard part, without the checkpoint, is :func:`shard_with_heads` (also used by
+``mptrec.bench.ours``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,9 @@ from mptrec.pipeline.config import NewTaskSpec, RunConfig, TaskSpec
 from mptrec.pipeline.rundir import RunDirError, hash_checkpoint, load_run_config, resolve_run_checkpoint
 from mptrec.pipeline.tasks.store import TASK_STORE_FILE, load_task_spec, load_task_store, trained_prompt_tasks
 
+if TYPE_CHECKING:
+    from mptrec.pipeline.sharding import ShardedModel
+
 __all__ = [
     "ShardedRunModel",
     "backbone_digest",
@@ -44,6 +49,7 @@ __all__ = [
     "load_head_state",
     "load_run_for_eval",
     "served_heads",
+    "shard_with_heads",
     "table_weights",
 ]
 
@@ -143,6 +149,50 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
+def shard_with_heads(
+    run_cfg: RunConfig, schema: Mapping[str, Any], device: torch.device,
+    heads: Mapping[str, tuple[str, Sequence[int]]], *,
+    head_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None, seed: int = 0, batch_size: int = 512,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[ShardedModel, list[FeatureSpec]]:
+    """Build the stage-1 model from its config, add new-task heads, shard it WITHOUT any optimizer.
+
+    Collective: every rank of ``group`` must call it. The backbone keeps its fresh weights (no
+    checkpoint is loaded here; :func:`build_run_model` loads one); with heads, ``NewTaskModel``
+    freezes it.
+
+    Args:
+        run_cfg: the stage-1 run config.
+        schema: the shards' schema.
+        device: compute device.
+        heads: new task name -> (method, tower_hidden) for ``backbone.new_task_head``; with none,
+            the backbone alone is sharded.
+        head_states: new task name -> trained weights to load (strict); heads not listed keep
+            their fresh initialisation (drawn under ``torch.manual_seed(seed)``, the same on
+            every rank).
+        seed: seed of the fresh heads.
+        batch_size: per-rank batch size (planner estimates).
+        group: process group (default: the world).
+
+    Returns:
+        The sharded model (``NewTaskModel`` inside its DMP when there are heads) and its features.
+    """
+    from mptrec.pipeline.build import build_from_config
+    from mptrec.pipeline.sharding import shard_model
+
+    backbone, features = build_from_config(run_cfg, schema)
+    new: dict[str, NewTaskHead] = {}
+    torch.manual_seed(seed)
+    for name, (method, tower_hidden) in heads.items():
+        head = backbone.new_task_head(name, method, tuple(tower_hidden))
+        if head_states is not None and name in head_states:
+            head.load_state_dict(dict(head_states[name]), strict=True)
+        new[name] = head
+    module: nn.Module = NewTaskModel(backbone, new) if new else backbone
+    sharded = shard_model(module, features, run_cfg.sharding, None, device, group, batch_size=batch_size)
+    return sharded, features
+
+
 def build_run_model(
     run_dir: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
@@ -163,35 +213,25 @@ def build_run_model(
         run_dir: the stage-1 run folder.
         checkpoint: ``best``, ``last``, ``step-N`` or a checkpoint folder.
         device: compute device.
-        heads: new task name -> (method, tower_hidden) for ``backbone.new_task_head``.
-        head_states: new task name -> trained weights to load (strict); heads not listed keep
-            their fresh initialisation (drawn under ``torch.manual_seed(seed)``, the same on
-            every rank).
-        seed: seed of the fresh heads.
-        batch_size: per-rank batch size (planner estimates).
-        group: process group (default: the world).
+        heads: the new tasks' heads to add, built as :func:`shard_with_heads` builds them.
+        head_states: trained weights to load per new task; a task not listed gets a fresh head.
+        seed: the fresh heads' seed.
+        batch_size: per-rank batch size, for the planner.
+        group: process group; the world when ``None``.
 
     Returns:
         The :class:`ShardedRunModel`; heads keep ``requires_grad`` (the caller freezes for serving).
     """
     from mptrec.data_loaders.layout import read_schema
-    from mptrec.pipeline.build import build_from_config
     from mptrec.pipeline.checkpoint import load_backbone
-    from mptrec.pipeline.sharding import shard_model, unwrap_dmp
+    from mptrec.pipeline.sharding import unwrap_dmp
 
     run_cfg = load_run_config(run_dir)
     ckpt = resolve_run_checkpoint(run_dir, str(checkpoint))
-    backbone, features = build_from_config(run_cfg, read_schema(run_cfg.data.path))
-    new: dict[str, NewTaskHead] = {}
-    torch.manual_seed(seed)
-    for name, (method, tower_hidden) in heads.items():
-        head = backbone.new_task_head(name, method, tuple(tower_hidden))
-        if head_states is not None and name in head_states:
-            head.load_state_dict(dict(head_states[name]), strict=True)
-        new[name] = head
-    module: nn.Module = NewTaskModel(backbone, new) if new else backbone
-    sharded = shard_model(module, features, run_cfg.sharding, None, device, group, batch_size=batch_size)
-    meta = load_backbone(run_dir, ckpt, sharded.dmp, prefix="backbone." if new else "",
+    sharded, features = shard_with_heads(run_cfg, read_schema(run_cfg.data.path), device, heads,
+                                         head_states=head_states, seed=seed, batch_size=batch_size,
+                                         group=group)
+    meta = load_backbone(run_dir, ckpt, sharded.dmp, prefix="backbone." if heads else "",
                          model_name=run_cfg.model.name, features=features, group=group)
     inner = unwrap_dmp(sharded.dmp)
     inner_backbone = inner.backbone if isinstance(inner, NewTaskModel) else inner
