@@ -54,6 +54,11 @@ class ModelConfig:
         ple_expert_hidden: PLE expert MLP sizes.
         ple_expert_dropout: dropout after each PLE expert layer (empty: none; else one entry per
             ``ple_expert_hidden`` layer).
+        interaction: ``none`` (the paper). ``cross`` (MPT-Rec only, beyond the paper): the experts
+            read ``x = e * (W e + b) + e``, one DCN-v2 cross layer (Wang et al. 2021) that gives
+            them every pairwise product of the input's entries; ``W``, ``b`` start at zero (the
+            layer starts as the identity) and ``W`` is in the dense L2. The gates and new-task
+            heads still read ``e``.
     """
 
     name: ModelName = "mptrec"
@@ -77,6 +82,7 @@ class ModelConfig:
     ple_specific_experts: int = 1
     ple_expert_hidden: tuple[int, ...] = (256,)
     ple_expert_dropout: tuple[float, ...] = ()
+    interaction: str = "none"
 
     def effective_r_emb(self, train_rows: int) -> float:
         """The whole-table L2 weight for a run on ``train_rows`` rows (see ``r_emb_rows``).
@@ -116,6 +122,11 @@ class ModelConfig:
             )
         if any(not 0.0 <= p < 1.0 for p in self.ple_expert_dropout):
             raise ValueError(f"ple_expert_dropout values must be in [0, 1), got {self.ple_expert_dropout}")
+        if self.interaction not in ("none", "cross"):
+            raise ValueError(f"interaction must be 'none' or 'cross', got {self.interaction!r}")
+        if self.interaction != "none" and self.name != "mptrec":
+            raise ValueError(f"interaction = {self.interaction!r} is implemented for the mptrec model only, "
+                             f"not {self.name!r}")
         if self.grl_alpha < 0:
             raise ValueError(f"grl_alpha must be >= 0, got {self.grl_alpha}")
         if self.tau <= 0:

@@ -112,12 +112,22 @@ class MPTRec(MultiTaskModel):
             self.classifier = nn.Linear(hidden, num_tasks)
             nn.init.xavier_uniform_(self.classifier.weight)
         self.uses_em = self.classifier is not None
+        self.cross: nn.Linear | None = None
+        if cfg.interaction == "cross":  # x = e * (W e + b) + e, the identity at initialisation
+            self.cross = nn.Linear(self.input_dim, self.input_dim)
+            nn.init.zeros_(self.cross.weight)
+            nn.init.zeros_(self.cross.bias)
         self.grl_alpha: float = cfg.grl_alpha
 
     # ---- pieces -------------------------------------------------------------------------------
 
     def _experts(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 2: h^s (B, H) and the specific h^k stacked as (K, B, H) (K rows empty for share)."""
+        """Eq. 2: h^s (B, H) and the specific h^k stacked as (K, B, H) (K rows empty for share).
+
+        With ``interaction = "cross"`` the experts read ``e * (W e + b) + e`` instead of ``e``.
+        """
+        if self.cross is not None:
+            e = torch.addcmul(e, e, self.cross(e))
         h = self.experts.forward_shared(e)
         return h[0], h[1:]
 
@@ -237,8 +247,14 @@ class MPTRec(MultiTaskModel):
         return total + self.cfg.gan_weight * (gan + self.grl_alpha * confusion)
 
     def dense_l2(self) -> torch.Tensor:
-        """Half squared norms of the expert and tower weight matrices (spec Eq. 9's R, dense part)."""
-        return self.experts.weight_l2() + self.towers.weight_l2()
+        """Half squared norms of the expert and tower weight matrices (spec Eq. 9's R, dense part).
+
+        And of the cross layer's ``W`` with ``interaction = "cross"``.
+        """
+        l2 = self.experts.weight_l2() + self.towers.weight_l2()
+        if self.cross is not None:
+            l2 = l2 + self.cross.weight.pow(2).sum() / 2
+        return l2
 
     def set_grl_alpha(self, alpha: float) -> None:
         """Set alpha of the gradient-reversal layer (see :func:`mptrec.models.layers.grl_alpha`)."""

@@ -304,3 +304,35 @@ def test_mptrec_emb_needs_tables_that_make_up_the_input() -> None:
         MPTRecNewTaskHead("t3", "mptrec_emb", **kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="do not make up"):
         MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=[(5, 4)], dense_dim=2)  # type: ignore[arg-type]
+
+
+def test_cross_interaction_starts_as_the_identity_and_learns_products() -> None:
+    from tests.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    plain = tiny_model("mptrec")
+    torch.manual_seed(0)
+    cross = tiny_model("mptrec", interaction="cross")
+    assert cross.cross is not None and plain.cross is None  # type: ignore[attr-defined]
+    missing = cross.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["cross.bias", "cross.weight"]
+    dense, kjt, _ = tiny_batch(8)
+    plain.eval()
+    cross.eval()
+    with torch.no_grad():
+        want, got = plain(dense, kjt), cross(dense, kjt)
+    for t in want:  # W = 0, b = 0: x = e
+        torch.testing.assert_close(got[t], want[t])
+    assert float(cross.dense_l2()) == float(plain.dense_l2())
+    with torch.no_grad():
+        cross.cross.weight.fill_(0.5)  # type: ignore[union-attr]
+        extra = 0.125 * cross.input_dim ** 2  # sum of 0.5^2 / 2 over W
+        assert float(cross.dense_l2()) == pytest.approx(float(plain.dense_l2()) + extra)
+        moved = cross(dense, kjt)
+    assert not torch.allclose(moved["ctr"], want["ctr"])
+    # the gates and the new-task heads read e, not the crossed input
+    assert torch.equal(cross.features(dense, kjt)["e"], plain.features(dense, kjt)["e"])
+    with pytest.raises(ValueError, match="'cross' is implemented for the mptrec model only, not 'mmoe'"):
+        tiny_config("mmoe", interaction="cross")
+    with pytest.raises(ValueError, match="interaction must be 'none' or 'cross'"):
+        tiny_config("mptrec", interaction="dot")

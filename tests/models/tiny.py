@@ -23,6 +23,7 @@ MODEL_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "mptrec_share": ("mptrec", {"variant": "share"}),
     "mptrec_specific": ("mptrec", {"variant": "specific"}),
     "mptrec_no_gan": ("mptrec", {"variant": "no_gan"}),
+    "mptrec_cross": ("mptrec", {"interaction": "cross"}),
     "single_task": ("single_task", {}),
     "shared_bottom": ("shared_bottom", {}),
     "mmoe": ("mmoe", {}),
