@@ -1,6 +1,7 @@
 """Paired before/after test AUCs of two sets of accuracy-harness roots (Ali-CCP), over seeds.
 
-Usage: ``python scripts/accuracy_before_after.py [--root DIR] [--after-task T=NAME] SEED...``; reads
+Usage: ``python scripts/accuracy_before_after.py [--root DIR] [--after-task T=NAME] [--before-task T=NAME]
+SEED...``; reads
 ``DIR/{before,after}-SEED/aliccp-1000k/run/test_predictions.parquet`` (see bench/accuracy.md).
 """
 
@@ -32,8 +33,12 @@ def main() -> None:
     parser.add_argument("--after-task", action="append", default=[], metavar="TASK=NAME",
                         help="compare TASK of the before runs with task NAME of the after runs "
                              "(e.g. scenario=s_res3: the after runs' default head is registered as s_res3)")
+    parser.add_argument("--before-task", action="append", default=[], metavar="TASK=NAME",
+                        help="compare task NAME of the before runs as TASK (e.g. scenario=s_res3: the "
+                             "before runs' head of the current config was registered as s_res3)")
     args = parser.parse_args()
     after_name = dict(item.split("=", 1) for item in args.after_task)
+    before_name = dict(item.split("=", 1) for item in args.before_task)
     runs = {
         (side, s): load(f"{args.root}/{side}-{s}/aliccp-1000k/run/test_predictions.parquet")
         for side in ("before", "after")
@@ -47,7 +52,8 @@ def main() -> None:
                 raise SystemExit(f"seed {s}: before and after were scored on different rows")
             y = after["label_" + task]
             a_task = after_name.get(task, task)
-            per_seed.append(compare(y, after["logit_" + a_task], before["logit_" + task], n_boot=1000,
+            b_task = before_name.get(task, task)
+            per_seed.append(compare(y, after["logit_" + a_task], before["logit_" + b_task], n_boot=1000,
                                     seed=0))
         both = combine_seeds(per_seed)
         b_mean, b_std, _ = seed_summary([c["delong"]["auc_b"] for c in per_seed])
