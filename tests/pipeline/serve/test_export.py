@@ -569,12 +569,12 @@ def test_head_reading_ids_exports_and_refuses_list_features() -> None:
     dense = torch.rand(6, 1)
     values = [torch.tensor([0, 1, 2, 3, 4, 6]), torch.tensor([4, 3, 2, 1, 0, 0])]
     lengths = [torch.ones(6, dtype=torch.long)] * 2
+    kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.cat(values), torch.cat(lengths))
     with torch.no_grad():
-        want = model(dense, KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.cat(values), torch.cat(lengths)))
+        want = model(dense, kjt)
         plain = base.new_task_head("t3", "mptrec")
         plain.load_state_dict(head.state_dict(), strict=False)
-        feats = base.features(dense, KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.cat(values),
-                                                                         torch.cat(lengths)))
+        feats = base.features(dense, kjt)
     assert not torch.allclose(want["t3"], plain(feats))  # the offsets change the new task's logits
     program = export_program(serving, features).module()
     with torch.inference_mode():
