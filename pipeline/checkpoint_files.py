@@ -253,31 +253,8 @@ def optimizer_layout(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "data_parallel tables": dp}
 
 
-#: the model settings that fix which parameters exist and their shapes
-_SHAPE_KEYS = ("name", "expert_hidden", "tower_hidden", "variant", "interaction", "num_experts", "ple_levels",
-               "ple_shared_experts", "ple_specific_experts", "ple_expert_hidden")
-
-
-def model_layout(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a resolved run config that fix the model's parameters and their shapes.
-
-    The tasks, the input features (width, exclusions) and the architecture keys of ``model``
-    (absent keys, as in configs written before a key existed, read as its default).
-    """
-    from mptrec.models.config import ModelConfig
-
-    defaults = ModelConfig()
-    model = cfg.get("model") or {}
-    out: dict[str, Any] = {f"model.{k}": model.get(k, getattr(defaults, k)) for k in _SHAPE_KEYS}
-    features = cfg.get("features") or {}
-    out["features"] = {k: features.get(k) for k in ("embedding_dim", "exclude")}
-    out["tasks"] = [t.get("name") for t in cfg.get("tasks") or ()]
-    normalised: dict[str, Any] = json.loads(json.dumps(out))  # tuples and lists compare equal
-    return normalised
-
-
 def check_resume_config(path: Path, current: Mapping[str, Any]) -> None:
-    """Refuse ``--resume`` from ``path`` when :func:`optimizer_layout` or :func:`model_layout` changed.
+    """Refuse ``--resume`` from checkpoint ``path`` when :func:`optimizer_layout` changed.
 
     Args:
         path: the checkpoint folder (its ``config.json`` is the config it was trained with; a
@@ -296,13 +273,11 @@ def check_resume_config(path: Path, current: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{saved_file}: unreadable ({err})") from err
     if not saved:
         return
-    for what, layout, fits in (("other optimizer settings", optimizer_layout, "optimizer state does"),
-                               ("another model", model_layout, "parameters do")):
-        old, new = layout(saved), layout(current)
-        changed = [f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in old if old[k] != new[k]]
-        if changed:
-            raise CheckpointError(
-                f"--resume: checkpoint {path} was trained with {what} ("
-                + "; ".join(changed) + f"), so its {fits} not fit this run. Start a new "
-                "run (another out_dir, or delete this one), or resume with the checkpoint's settings"
-            )
+    old, new = optimizer_layout(saved), optimizer_layout(current)
+    changed = [f"{k}: {old[k]!r} in the checkpoint, {new[k]!r} now" for k in old if old[k] != new[k]]
+    if changed:
+        raise CheckpointError(
+            f"--resume: checkpoint {path} was trained with other optimizer settings ("
+            + "; ".join(changed) + "), so its optimizer state does not fit this run. Start a new "
+            "run (another out_dir, or delete this one), or resume with the checkpoint's settings"
+        )

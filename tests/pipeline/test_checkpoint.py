@@ -314,23 +314,12 @@ def test_resume_refuses_a_checkpoint_with_another_optimizer_layout(tmp_path: Pat
         check_resume_config(ckpt, dp_adam)
     msg = str(err.value)
     assert str(ckpt) in msg
-    assert "other optimizer settings" in msg and "optimizer state does not fit" in msg
     assert "train.embedding_optimizer: 'rowwise_adagrad' in the checkpoint, 'adam' now" in msg
     assert "data_parallel tables: [] in the checkpoint, 'every table' now" in msg
     one_dp = _layout_cfg("rowwise_adagrad", {"sharding_types": [], "constraints": [
         {"feature": "121", "sharding_types": ["data_parallel"]}]})
     with pytest.raises(CheckpointError, match=r"data_parallel tables: \[\] in the checkpoint, \['121'\] now"):
         check_resume_config(ckpt, one_dp)
-    # a changed architecture is refused too (absent keys read as their defaults: older configs)
-    arch = {**fused, "model": {"name": "mptrec", "interaction": "none"}, "tasks": [{"name": "ctr"}]}
-    (ckpt / "config.json").write_text(json.dumps({**fused, "tasks": [{"name": "ctr"}]}))
-    check_resume_config(ckpt, arch)
-    crossed = {**arch, "model": {"name": "mptrec", "interaction": "cross"}}
-    with pytest.raises(CheckpointError, match=r"another model \(model.interaction: 'none' in the checkpoint, "
-                                              r"'cross' now\), so its parameters do not fit"):
-        check_resume_config(ckpt, crossed)
-    with pytest.raises(CheckpointError, match=r"tasks: \['ctr'\] in the checkpoint, \['ctr', 'cvr'\] now"):
-        check_resume_config(ckpt, {**arch, "tasks": [{"name": "ctr"}, {"name": "cvr"}]})
     (ckpt / "config.json").write_text("{")
     with pytest.raises(CheckpointError, match="unreadable"):
         check_resume_config(ckpt, fused)
