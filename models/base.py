@@ -193,9 +193,18 @@ class MultiTaskModel(nn.Module, abc.ABC):
 
         Returns:
             (B, F) int64, columns in ``sparse_features`` order.
+
+        Raises:
+            ValueError: a feature holds other than one id per row (named with its id count).
         """
         per_key = kjt.to_dict()
-        return torch.stack([per_key[f].values() for f in self.sparse_features], dim=1)
+        rows = kjt.stride()
+        ids = [per_key[f].values() for f in self.sparse_features]
+        wrong = [(f, v.numel()) for f, v in zip(self.sparse_features, ids) if v.numel() != rows]
+        if wrong:
+            raise ValueError(f"feature_ids needs one id per row of every sparse feature; batch of {rows} "
+                             f"rows, (feature, ids): {wrong}")
+        return torch.stack(ids, dim=1)
 
     # ---- the contract -----------------------------------------------------------------------
 

@@ -336,3 +336,22 @@ def test_cross_interaction_starts_as_the_identity_and_learns_products() -> None:
         tiny_config("mmoe", interaction="cross")
     with pytest.raises(ValueError, match="interaction must be 'none' or 'cross'"):
         tiny_config("mptrec", interaction="dot")
+
+
+def test_feature_ids_are_one_per_row_or_a_clear_error() -> None:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+
+    from mptrec.models.config import ModelConfig
+
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=10, feature_names=[f])
+        for f in "ab"])
+    model = MPTRec(ModelConfig(expert_hidden=(8, 4), tower_hidden=(4,)), ebc, sparse_features=["b", "a"],
+                   dense_dim=0, task_names=["ctr", "cvr"])
+    kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([1, 2, 3, 7, 8, 9]),
+                                              torch.ones(6, dtype=torch.long))
+    assert model.feature_ids(kjt).tolist() == [[7, 1], [8, 2], [9, 3]]  # sparse_features order
+    listed = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.tensor([1, 2, 3, 7, 8, 9, 9]),
+                                                 torch.tensor([1, 1, 1, 2, 1, 1]))
+    with pytest.raises(ValueError, match=r"batch of 3 rows, \(feature, ids\): \[\('b', 4\)\]"):
+        model.feature_ids(listed)
