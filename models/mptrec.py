@@ -428,9 +428,8 @@ class MPTRecNewTaskHead(NewTaskHead):
             (B, D_in).
         """
         assert self.deltas is not None
-        parts = [e.new_zeros(e.size(0), self.dense_dim)]
-        parts += [F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)]
-        return e + torch.cat(parts, dim=1)
+        delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
+        return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)
 
     def l2_penalty(self) -> torch.Tensor:
         """Eq. 15: sum over the new tower's weight matrices of ``||W||^2 / 2`` (the caller adds r_dnn).

@@ -35,7 +35,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mptrec.data_loaders.schema import FeatureSpec
-from mptrec.models import count_parameters, forward_flops_per_sample
+from mptrec.models import NewTaskModel, count_parameters, forward_flops_per_sample
 from mptrec.models.base import MultiTaskModel
 from mptrec.pipeline.config import NewTaskSpec, RunConfig
 
@@ -211,10 +211,8 @@ def static_figures(run_cfg: RunConfig, features: Sequence[FeatureSpec], task_cfg
     small = _model(run_cfg, features, run_cfg.task_names, "cpu")
     small_head = small.new_task_head(task_cfg.name, task_cfg.method, tuple(tower_hidden))
     dense, kjt = _synthetic_inputs(features, _FLOP_BATCH)
-    with torch.no_grad():
-        feats = small.features(dense, kjt)
-    if small_head.needs_ids:
-        feats["ids"] = small.feature_ids(kjt)
+    # what the head reads, from the one place that assembles it (ids included when it reads them)
+    feats = NewTaskModel(small, {task_cfg.name: small_head}).backbone_features(dense, kjt)
     f_head = forward_flops_per_sample(small_head, feats)
     f_full = forward_flops_per_sample(_model(run_cfg, features, tasks, "cpu"), dense, kjt)
     return {
