@@ -4,11 +4,14 @@ Same data (the training split in memory, with the click, purchase and T3 = field
 same batch size and threads, epochs timed interleaved:
 
 * ``prompt_tune_cached``: ours as ``mptrec prompt-tune`` runs by default (``feature_cache_mib``):
-  the frozen backbone runs once over the epoch's rows (timed as ``cache_fill_s``), then each
-  epoch trains the head on the cached features. The headline fraction charges the fill,
-  amortised over the job's default epoch count, to every epoch;
-* ``prompt_tune``: ours with the cache off: each epoch runs the frozen no-grad backbone + the
-  new head (the job's streamed path, when the features do not fit the cache);
+  the frozen backbone runs once over the epoch's rows and the features are concatenated into
+  the job's ``FeatureCache`` (timed as ``cache_fill_s``), then each epoch draws a fresh
+  permutation and trains the head on the batches gathered from the cache, with the job's step
+  (``head_step``). The headline fraction charges the fill, amortised over the job's default
+  epoch count, to every epoch;
+* ``prompt_tune``: ours with the cache off: each epoch runs the frozen no-grad backbone
+  (``NewTaskModel.backbone_features``, no old-task towers) + the head's step (the job's
+  streamed path, when the features do not fit the cache);
 * ``full_retrain``: ours, stage 1 with the new task added (K+1 = 3 tasks, ``mptrec train``'s step);
 * ``paper_prompt``: the paper's code, plain PyTorch with dense-gradient tables; the backbone is
   "frozen" only by leaving it out of the optimizer, so backward still computes (and
@@ -46,7 +49,7 @@ from mptrec.bench.common import (
     with_new_task,
 )
 from mptrec.bench.harness import PeakRss, Stat, in_fresh_process
-from mptrec.bench.ours import build_prompt_tuner, build_stage1
+from mptrec.bench.ours import PromptTuner, build_prompt_tuner, build_stage1
 from mptrec.bench.references import (
     RefMPTRec,
     RefNewTaskHead,
@@ -61,6 +64,7 @@ from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import count_parameters
 from mptrec.pipeline.build import resolve_run_features
 from mptrec.pipeline.config import NewTaskSpec, RunConfig
+from mptrec.pipeline.tasks.tuning_loop import FeatureCache
 
 MIB = 1024.0 * 1024.0
 
@@ -131,8 +135,7 @@ def _data(s: Settings, schema: dict[str, Any]) -> _Data:
 def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
     prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
     b0 = d.batches[0]
-    with torch.no_grad():
-        feats = prompt.backbone.features(b0.dense_features, b0.sparse_features)
+    feats = prompt.features(b0)
 
     def epoch(bs: Sequence[Batch]) -> None:
         for b in bs:
@@ -149,28 +152,40 @@ def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _W
     )
 
 
+def _fill(prompt: PromptTuner, batches: Sequence[Batch]) -> FeatureCache:
+    """The job's cache fill: the frozen features of every batch, concatenated (as ``_collect``)."""
+    feats = [prompt.features(b) for b in batches]
+    n = [b.batch_size for b in batches]
+    per_row = [k for k, v in feats[0].items() if v.dim() > 0 and v.shape[0] == n[0]]
+    rows = {k: torch.cat([f[k] for f in feats]) for k in per_row}
+    const = {k: v for k, v in feats[0].items() if k not in per_row}
+    return FeatureCache(rows, const, torch.cat([b.labels[NEW_TASK.name] for b in batches]))
+
+
 def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
     prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
     fills: list[float] = []
-    cache: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []
     for _ in range(max(1, s.repeats)):  # the fill is timed like an epoch: once per repeat
         t0 = time.perf_counter()
-        with torch.no_grad():
-            cache = [
-                (prompt.backbone.features(b.dense_features, b.sparse_features), b.labels[NEW_TASK.name])
-                for b in d.batches
-            ]
+        cache = _fill(prompt, d.batches)
         fills.append(time.perf_counter() - t0)
+    batch = PAPER.batch_size
+    epochs = iter(range(1_000_000))
 
-    def epoch(items: Sequence[tuple[dict[str, torch.Tensor], torch.Tensor]]) -> None:
-        for feats, labels in items:
+    def epoch(max_batches: int | None = None) -> None:
+        # the job's cached epoch: a fresh permutation, batches gathered from the cache
+        order = torch.randperm(cache.num_rows, generator=torch.Generator().manual_seed(next(epochs)))
+        for i, (feats, labels) in enumerate(cache.batches(batch, order)):
+            if max_batches is not None and i >= max_batches:
+                return
             prompt.step_on_features(feats, labels)
 
+    first = next(cache.batches(batch))
     return _Way(
-        epoch=lambda: epoch(cache),
-        warmup=lambda: epoch(cache[:2]),
-        train_step=lambda: prompt.step_on_features(*cache[0]),
-        forward=lambda: prompt.head(cache[0][0]),
+        epoch=epoch,
+        warmup=lambda: epoch(2),
+        train_step=lambda: prompt.step_on_features(*first),
+        forward=lambda: prompt.head(first[0]),
         trainable=count_parameters(prompt.head)[0],
         backbone_grads=lambda: grad_bytes(prompt.backbone),
         optimizer_state=lambda: optimizer_state_bytes(prompt.optimizer),

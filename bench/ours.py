@@ -11,22 +11,23 @@ config has ``r_emb = 0``).
 Stage 2 (:func:`build_prompt_tuner`): the stage-1 model plus a new head in a ``NewTaskModel``
 (frozen backbone: ``requires_grad`` off, eval mode, ``no_grad`` forward), sharded with no
 optimizer on the tables (:func:`mptrec.pipeline.tasks.union.shard_with_heads`, the job's
-builder less the checkpoint load), Adam over the head only; the step is the one of
-:mod:`mptrec.pipeline.tasks.tuning_loop` (forward, BCE + ``r_dnn`` x the new tower's L2, backward,
-Adam). The backbone is freshly initialised rather than loaded from a checkpoint: throughput
-does not depend on the weights' values.
+builder less the checkpoint load), the job's Adam over the head only
+(:func:`mptrec.pipeline.tasks.tuning_loop.head_optimizer`) and the job's step
+(:func:`mptrec.pipeline.tasks.tuning_loop.head_step`: forward, BCE + ``r_dnn`` x the new tower's
+L2 as weight decay, backward, Adam) on the features the job computes
+(``NewTaskModel.backbone_features``). The backbone is freshly initialised rather than loaded
+from a checkpoint: throughput does not depend on the weights' values.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mptrec.bench.common import NEW_TASK, cycle
@@ -37,6 +38,7 @@ from mptrec.models.base import MultiTaskModel, NewTaskHead
 from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
 from mptrec.pipeline.sharding import unwrap_dmp
+from mptrec.pipeline.tasks.tuning_loop import head_optimizer, head_step
 from mptrec.pipeline.tasks.union import shard_with_heads
 from mptrec.pipeline.train.loop import bf16_autocast, make_stepper
 from mptrec.pipeline.train.pretrain import shard_for_training
@@ -120,33 +122,27 @@ def compile_dense_arch(model: MultiTaskModel) -> None:
 
 @dataclass
 class PromptTuner:
-    """Our stage-2 (prompt-tuning) trainer."""
+    """Our stage-2 (prompt-tuning) trainer, with the job's calls (``tuning_loop``)."""
 
     dmp: nn.Module
+    model: NewTaskModel
     backbone: MultiTaskModel
     head: NewTaskHead
     optimizer: torch.optim.Optimizer
     r_dnn: float
     task: str
 
+    def features(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The frozen backbone's features of a batch, as the job computes them (no old-task towers)."""
+        return self.model.backbone_features(batch.dense_features, batch.sparse_features)
+
     def step_on(self, batch: Batch) -> float:
-        """The step of :mod:`mptrec.pipeline.tasks.tuning_loop` on one batch; returns the loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.dmp(batch.dense_features, batch.sparse_features)[self.task]
-        return self._update(logits, batch.labels[self.task])
+        """The job's streamed step (cache off): backbone features, then the head's step."""
+        return self.step_on_features(self.features(batch), batch.labels[self.task])
 
-    def step_on_features(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> float:
-        """The job's step on cached backbone features (``feature_cache_mib``); returns the loss."""
-        self.optimizer.zero_grad(set_to_none=True)
-        return self._update(self.head(feats), labels)
-
-    def _update(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
-        loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        if self.r_dnn > 0:
-            loss = loss + self.r_dnn * self.head.l2_penalty()
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+    def step_on_features(self, feats: Mapping[str, torch.Tensor], labels: torch.Tensor) -> float:
+        """The job's step on backbone features (:func:`head_step`); returns the loss."""
+        return head_step(self.head, self.optimizer, feats, labels, self.r_dnn)
 
 
 def build_prompt_tuner(
@@ -168,12 +164,12 @@ def build_prompt_tuner(
     if not isinstance(inner_head, NewTaskHead):
         raise TypeError(f"expected a NewTaskHead, got {type(inner_head).__name__}")
     sharded.dmp.train()
-    opt = torch.optim.Adam(inner_head.parameters(), lr=lr, fused=True)  # as the job
     return PromptTuner(
         dmp=sharded.dmp,
+        model=inner,
         backbone=inner.backbone,
         head=inner_head,
-        optimizer=opt,
+        optimizer=head_optimizer(inner_head, lr, cfg.model.r_dnn),  # as the job
         r_dnn=cfg.model.r_dnn,
         task=NEW_TASK.name,
     )

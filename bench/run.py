@@ -108,6 +108,7 @@ def headline(results: dict[str, Any]) -> None:
 def _sections(
     s: Settings, schema: dict[str, Any], group: Any, plot_path: Path, serving_run: Path
 ) -> dict[str, Callable[[], Any]]:
+    from mptrec.bench.allocator import allocator
     from mptrec.bench.dense import bf16_auc_check, dense_speedups, profile_stage1
     from mptrec.bench.evalbench import eval_throughput
     from mptrec.bench.growth import growth, plot
@@ -146,6 +147,7 @@ def _sections(
         "stage1": stage1,
         "scaling": lambda: scaling(s),
         "profile": lambda: profile_stage1(s, schema, group),
+        "allocator": lambda: allocator(s),
         "dense": dense,
         "bf16_auc": lambda: bf16_auc_check(s, schema, group),
         "loader": loader,

@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     from mptrec.launch.dist import init_distributed, teardown
+    from mptrec.launch.runtime import allocator_status
+    from mptrec.logs import get_logger
     from mptrec.pipeline.rundir import RunDirError, load_run_config
     from mptrec.pipeline.tasks.prompt_tuning import prompt_tune
     from mptrec.pipeline.tasks.store import prompt_config
@@ -80,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunDirError as e:
         print(f"mptrec prompt-tune: {e}", file=sys.stderr)
         return 1
-    device, _, _ = init_distributed(run_cfg.train.device)
+    device, rank, _ = init_distributed(run_cfg.train.device)
+    if rank == 0:
+        get_logger(__name__).debug(allocator_status())
     try:
         prompt_tune(args.run, args.task, device, overrides=args.overrides, progress=not args.no_progress)
         dist.barrier()

@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mptrec.data_loaders.schema import DataError
     from mptrec.launch.dist import init_distributed, teardown
+    from mptrec.launch.runtime import allocator_status
     from mptrec.logs import get_logger
     from mptrec.pipeline.checkpoint_files import CheckpointError
     from mptrec.pipeline.config import load_config
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mptrec train: error: {e}", file=sys.stderr)
         return 2
     device, rank, world_size = init_distributed(cfg.train.device)
+    if rank == 0:
+        get_logger(__name__).debug(allocator_status())
     try:
         try:
             result = pretrain(cfg, device=device, resume=args.resume, progress=not args.no_progress)

@@ -17,6 +17,8 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from mptrec.models.layers import half_squared_norm
+
 __all__ = ["RESERVED_LOSS_KEYS", "ModelOutput", "MultiTaskModel", "NewTaskHead", "em_assign"]
 
 RESERVED_LOSS_KEYS = ("aux", "gan", "confusion", "l2")
@@ -157,6 +159,10 @@ class MultiTaskModel(nn.Module, abc.ABC):
         if r_dnn < 0:
             raise ValueError(f"r_dnn must be >= 0, got {r_dnn}")
         self.r_dnn: float = float(r_dnn)
+        #: set by whoever gives :meth:`l2_parameters` to an optimizer with ``weight_decay = r_dnn``
+        #: (coupled, as ``torch.optim.Adam``'s: the same gradient ``r_dnn * W`` without autograd):
+        #: :meth:`loss` then adds the L2 term's value only (``parts["l2"]`` and the total unchanged)
+        self.l2_by_optimizer: bool = False
 
     # ---- input layer ------------------------------------------------------------------------
 
@@ -241,8 +247,12 @@ class MultiTaskModel(nn.Module, abc.ABC):
         return ModelOutput(logits=self(dense, kjt))
 
     @abc.abstractmethod
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The weight matrices of Eq. 9's dense L2 term: experts (or bottom) and towers, no biases."""
+
     def dense_l2(self) -> torch.Tensor:
-        """Half the squared norm of the expert/bottom and tower weight matrices (no biases)."""
+        """Half the squared norm of :meth:`l2_parameters`."""
+        return half_squared_norm(self.l2_parameters())
 
     def loss(
         self,
@@ -276,7 +286,11 @@ class MultiTaskModel(nn.Module, abc.ABC):
             total = total + self.task_weights[t] * bce
         total = total + self._extra_loss(out, labels, task_assign, parts)
         if self.r_dnn > 0:
-            l2 = self.dense_l2()
+            if self.l2_by_optimizer:  # the optimizer adds r_dnn * W to the gradients: the value only
+                with torch.no_grad():
+                    l2 = self.dense_l2()
+            else:
+                l2 = self.dense_l2()
             parts["l2"] = l2
             total = total + self.r_dnn * l2
         return total, {k: v.detach() for k, v in parts.items()}
@@ -353,11 +367,16 @@ class NewTaskHead(nn.Module, abc.ABC):
         return [n for n, _ in self.named_parameters()]
 
     @abc.abstractmethod
-    def l2_penalty(self) -> torch.Tensor:
-        """Half the squared norm of the new tower's (and new experts') weight matrices, unscaled.
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The weight matrices of Eq. 15's L2 term: the new tower's (and new experts'), no biases."""
 
-        Eq. 15 multiplies it by ``r_dnn``; the caller does.
+    def l2_penalty(self) -> torch.Tensor:
+        """Half the squared norm of :meth:`l2_parameters`, unscaled.
+
+        Eq. 15 multiplies it by ``r_dnn``; the caller does (in the loss, or as the optimizer's
+        weight decay on :meth:`l2_parameters`).
         """
+        return half_squared_norm(self.l2_parameters())
 
 
 def _feature_widths(ebc: EmbeddingBagCollection) -> dict[str, int]:

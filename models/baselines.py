@@ -110,9 +110,9 @@ class SingleTask(_Baseline):
         """Task -> (B,) logits: ``Tower_k(h_k)``."""
         return self._as_dict(self.towers(feats["h"].transpose(0, 1)).squeeze(-1))
 
-    def dense_l2(self) -> torch.Tensor:
-        """Half squared norms of the expert and tower weight matrices."""
-        return self.experts.weight_l2() + self.towers.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The expert and tower weight matrices."""
+        return self.experts.l2_weights() + self.towers.l2_weights()
 
     def new_task_head(self, name: str, method: str,
                       tower_hidden: Sequence[int] | None = None) -> SingleTaskHead:
@@ -175,9 +175,9 @@ class SharedBottom(_Baseline):
         """Task -> (B,) logits: ``Tower_k(h_shared)``."""
         return self._as_dict(self.towers.forward_shared(feats["h_shared"]).squeeze(-1))
 
-    def dense_l2(self) -> torch.Tensor:
-        """Half squared norms of the bottom and tower weight matrices."""
-        return self.bottom.weight_l2() + self.towers.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The bottom and tower weight matrices."""
+        return self.bottom.l2_weights() + self.towers.l2_weights()
 
     def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> TowerHead:
         """``shared_bottom*``: a new tower only, on the frozen bottom output."""
@@ -242,9 +242,9 @@ class MMoE(_Baseline):
         mixed = torch.bmm(g, feats["experts"]).transpose(0, 1)  # (K, B, H)
         return self._as_dict(self.towers(mixed).squeeze(-1))
 
-    def dense_l2(self) -> torch.Tensor:
-        """Half squared norms of the expert and tower weight matrices (gates excluded)."""
-        return self.experts.weight_l2() + self.towers.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The expert and tower weight matrices (gates excluded)."""
+        return self.experts.l2_weights() + self.towers.l2_weights()
 
     def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> MMoEHead:
         """``mmoe*``: a new gate and a new tower over the frozen experts."""
@@ -279,9 +279,9 @@ class TowerHead(NewTaskHead):
         """(B,) logits ``Tower_new(h_shared)``."""
         return self.tower.forward_shared(feats["h_shared"])[0].squeeze(-1)
 
-    def l2_penalty(self) -> torch.Tensor:
-        """Half squared norms of the new tower's weight matrices."""
-        return self.tower.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The new tower's weight matrices."""
+        return self.tower.l2_weights()
 
 
 class SingleTaskHead(NewTaskHead):
@@ -323,9 +323,9 @@ class SingleTaskHead(NewTaskHead):
         """(B,) logits ``Tower_new(Expert_new(e))``."""
         return self.tower(self.expert.forward_shared(feats["e"]))[0].squeeze(-1)
 
-    def l2_penalty(self) -> torch.Tensor:
-        """Half squared norms of the new expert's and tower's weight matrices."""
-        return self.expert.weight_l2() + self.tower.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The new expert's and tower's weight matrices."""
+        return self.expert.l2_weights() + self.tower.l2_weights()
 
 
 class MMoEHead(NewTaskHead):
@@ -368,6 +368,6 @@ class MMoEHead(NewTaskHead):
         mixed = torch.bmm(g.unsqueeze(1), feats["experts"]).squeeze(1)
         return self.tower.forward_shared(mixed)[0].squeeze(-1)
 
-    def l2_penalty(self) -> torch.Tensor:
-        """Half squared norms of the new tower's weight matrices (gate excluded)."""
-        return self.tower.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The new tower's weight matrices (gate excluded)."""
+        return self.tower.l2_weights()

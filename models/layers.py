@@ -14,7 +14,22 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["GRL_SCHEDULES", "MaskDropout", "StackedMLP", "grad_reverse", "grl_alpha"]
+__all__ = ["GRL_SCHEDULES", "MaskDropout", "StackedMLP", "grad_reverse", "grl_alpha", "half_squared_norm"]
+
+
+def half_squared_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_p ||p||^2 / 2`` over ``params`` (a 0-dim tensor; 0 for none).
+
+    Example:
+        >>> float(half_squared_norm([torch.ones(2, 2), torch.full((3,), 2.0)]))
+        8.0
+    """
+    if not params:
+        return torch.zeros(())
+    total = params[0].pow(2).sum()
+    for p in params[1:]:
+        total = total + p.pow(2).sum()
+    return total / 2
 
 GRL_SCHEDULES = ("dann", "official", "constant")
 
@@ -172,12 +187,13 @@ class StackedMLP(nn.Module):
             h = self._activate(i, torch.baddbmm(self.biases[i], h, self.weights[i]))
         return h
 
+    def l2_weights(self) -> list[nn.Parameter]:
+        """The weight matrices (biases excluded): what the L2 terms of the spec regularise."""
+        return list(self.weights)
+
     def weight_l2(self) -> torch.Tensor:
         """Half the squared Frobenius norm of the weight matrices (biases excluded)."""
-        total = 0.5 * self.weights[0].pow(2).sum()
-        for w in list(self.weights)[1:]:
-            total = total + 0.5 * w.pow(2).sum()
-        return total
+        return half_squared_norm(self.l2_weights())
 
     def extra_repr(self) -> str:
         """Sizes shown by ``print(module)``."""

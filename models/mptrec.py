@@ -246,15 +246,13 @@ class MPTRec(MultiTaskModel):
         parts["confusion"] = confusion
         return total + self.cfg.gan_weight * (gan + self.grl_alpha * confusion)
 
-    def dense_l2(self) -> torch.Tensor:
-        """Half squared norms of the expert and tower weight matrices (spec Eq. 9's R, dense part).
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The expert and tower weight matrices (spec Eq. 9's R, dense part).
 
-        And of the cross layer's ``W`` with ``interaction = "cross"``.
+        And the cross layer's ``W`` with ``interaction = "cross"``.
         """
-        l2 = self.experts.weight_l2() + self.towers.weight_l2()
-        if self.cross is not None:
-            l2 = l2 + self.cross.weight.pow(2).sum() / 2
-        return l2
+        params = self.experts.l2_weights() + self.towers.l2_weights()
+        return params + [self.cross.weight] if self.cross is not None else params
 
     def set_grl_alpha(self, alpha: float) -> None:
         """Set alpha of the gradient-reversal layer (see :func:`mptrec.models.layers.grl_alpha`)."""
@@ -431,12 +429,11 @@ class MPTRecNewTaskHead(NewTaskHead):
         delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
         return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)
 
-    def l2_penalty(self) -> torch.Tensor:
-        """Eq. 15: sum over the new tower's weight matrices of ``||W||^2 / 2`` (the caller adds r_dnn).
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """Eq. 15: the new tower's weight matrices (the caller weighs their L2 by r_dnn).
 
-        ``mptrec_emb`` adds ``||delta||^2 / 2``: the offsets are shrunk to the frozen rows at the
+        ``mptrec_emb`` adds its offsets ``delta``: they are shrunk to the frozen rows at the
         same weight.
         """
-        if self.deltas is None:
-            return self.tower.weight_l2()
-        return self.tower.weight_l2() + sum(t.pow(2).sum() for t in self.deltas) / 2
+        params = self.tower.l2_weights()
+        return params + list(self.deltas) if self.deltas is not None else params

@@ -140,13 +140,13 @@ class PLE(MultiTaskModel):
         logits = self.towers(feats["task_out"].transpose(0, 1)).squeeze(-1)
         return {t: logits[i] for i, t in enumerate(self.task_names)}
 
-    def dense_l2(self) -> torch.Tensor:
-        """Half squared norms of every expert's and tower's weight matrices (gates excluded)."""
-        total = self.towers.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """Every expert's and tower's weight matrices (gates excluded)."""
+        params = self.towers.l2_weights()
         for level in range(self.num_levels):
-            total = total + _at(self.specific_experts, level).weight_l2()
-            total = total + _at(self.shared_experts, level).weight_l2()
-        return total
+            params += _at(self.specific_experts, level).l2_weights()
+            params += _at(self.shared_experts, level).l2_weights()
+        return params
 
     def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> PLEHead:
         """``ple*``: new task-specific experts and gates at every level and a new tower."""
@@ -223,9 +223,9 @@ class PLEHead(NewTaskHead):
             x = torch.einsum("bm,mbh->bh", g, torch.cat([spec, shared], dim=0))
         return self.tower.forward_shared(x)[0].squeeze(-1)
 
-    def l2_penalty(self) -> torch.Tensor:
-        """Half squared norms of the new experts' and tower's weight matrices (gates excluded)."""
-        total = self.tower.weight_l2()
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The new experts' and tower's weight matrices (gates excluded)."""
+        params = self.tower.l2_weights()
         for level in range(len(self.experts)):
-            total = total + _at(self.experts, level).weight_l2()
-        return total
+            params += _at(self.experts, level).l2_weights()
+        return params

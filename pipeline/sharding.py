@@ -36,7 +36,7 @@ Example (one process; see ``tests/pipeline/test_sharding.py``)::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from mptrec.data_loaders.schema import FeatureSpec
+from mptrec.models.base import MultiTaskModel
 from mptrec.pipeline.build import TABLE_KEY, table_name
 from mptrec.pipeline.config import ShardingConfig, TrainConfig
 from mptrec.pipeline.table_init import init_embedding_tables
@@ -75,7 +76,9 @@ __all__ = [
     "allowed_sharding_types",
     "all_data_parallel",
     "check_embedding_widths",
+    "dense_adam",
     "embedding_optimizer",
+    "l2_weight_decay",
     "plan_sharding",
     "plan_to_text",
     "shard_model",
@@ -340,6 +343,42 @@ def plan_to_text(plan: ShardingPlan) -> str:
     return str(plan).strip() + "\n"
 
 
+def l2_weight_decay(module: nn.Module) -> dict[int, float]:
+    """``id(param) -> r_dnn`` for the L2 weights of every model in ``module`` with ``r_dnn > 0``.
+
+    Marks those models ``l2_by_optimizer``: give the returned decay to the optimizer
+    (:func:`dense_adam`), which then adds ``r_dnn * W`` to each such gradient, the gradient of
+    the loss's ``r_dnn * ||W||^2 / 2`` (spec Eq. 9), and :meth:`MultiTaskModel.loss` adds only
+    the term's value. Same update, to float rounding, with about 10 fewer autograd ops per
+    weight matrix and step.
+    """
+    decay: dict[int, float] = {}
+    for m in module.modules():
+        if isinstance(m, MultiTaskModel) and m.r_dnn > 0:
+            decay.update((id(p), m.r_dnn) for p in m.l2_parameters())
+            m.l2_by_optimizer = True
+    return decay
+
+
+def dense_adam(params: Sequence[torch.Tensor], lr: float,
+               decay: Mapping[int, float] | None = None) -> torch.optim.Adam:
+    """Fused Adam over ``params``; a parameter whose ``id`` is in ``decay`` gets that weight decay.
+
+    ``torch.optim.Adam``'s weight decay is coupled: it adds ``wd * p`` to the gradient before the
+    moments, exactly the gradient of ``wd * ||p||^2 / 2`` in the loss.
+
+    Example:
+        >>> w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+        >>> [g["weight_decay"] for g in dense_adam([w, b], 1e-3, {id(w): 0.5}).param_groups]
+        [0.5, 0.0]
+    """
+    groups: dict[float, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(float((decay or {}).get(id(p), 0.0)), []).append(p)
+    return torch.optim.Adam([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()], lr=lr,
+                            fused=True)
+
+
 def shard_model(
     module: nn.Module,
     features: Sequence[FeatureSpec],
@@ -406,8 +445,10 @@ def shard_model(
         # the caller's optimizer: give them the embedding optimizer, not the dense Adam
         dp_tables = {k: v for k, v in plain.items() if TABLE_KEY.search(k)}
         dense_params = {k: v for k, v in plain.items() if k not in dp_tables}
-        # fused Adam: one kernel for every parameter (foreach Adam's update rule, to float rounding)
-        dense = KeyedOptimizerWrapper(dense_params, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True))
+        # fused Adam: one kernel for every parameter (foreach Adam's update rule, to float rounding);
+        # the models' dense L2 (r_dnn) as its coupled weight decay, not through autograd
+        decay = l2_weight_decay(module)
+        dense = KeyedOptimizerWrapper(dense_params, lambda ps: dense_adam(ps, lr, decay))
         parts: list[Any] = [("embeddings", dmp.fused_optimizer), ("dense", dense)]
         if dp_tables:
             dp_cls, dp_kwargs = embedding_optimizer(train_cfg, device.type, dense_tables=True, r_emb=r_emb)

@@ -18,7 +18,8 @@ The job (:func:`prompt_tune`, collective over 1..N processes):
    Adam holds exactly the head's parameters, and after each backward the head's gradients (the
    only ones) are averaged over the ranks with one flat ``all_reduce`` (the head is replicated;
    training calls the inner modules, not DMP's DDP wrapper). Loss: BCE + ``r_dnn`` x
-   ``head.l2_penalty()`` (Eq. 15: new tower weights only). The frozen features never change, so
+   ``head.l2_penalty()`` (Eq. 15: new tower weights only), the L2 gradient applied as Adam's
+   weight decay on ``head.l2_parameters()``. The frozen features never change, so
    when they fit in ``feature_cache_mib`` the backbone runs ONCE over the train and validation
    rows (lock-step with filler batches, every row once) and each epoch trains on the cached
    features, reshuffled, with the ranks agreeing on the minimum batch count (``all_reduce
@@ -56,7 +57,7 @@ from mptrec.pipeline.rundir import file_sha256, load_run_config, task_dir
 from mptrec.pipeline.strict import to_dict
 from mptrec.pipeline.tasks.checks import check_base_unchanged
 from mptrec.pipeline.tasks.store import load_task_store, prompt_config, record_result
-from mptrec.pipeline.tasks.tuning_loop import Stage2, StageResult, train_head
+from mptrec.pipeline.tasks.tuning_loop import Stage2, StageResult, head_optimizer, train_head
 from mptrec.pipeline.tasks.union import backbone_digest, build_run_model
 
 __all__ = ["prompt_tune", "run_stage2", "setup_stage2"]
@@ -82,7 +83,7 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
     sharded = build_run_model(run, ckpt, device, {cfg.name: (cfg.method, inherited.tower_hidden)},
                             seed=cfg.seed, batch_size=inherited.batch_size, group=group)
     head = sharded.heads[cfg.name]
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, fused=True)  # one kernel per step
+    optimizer = head_optimizer(head, cfg.lr, inherited.r_dnn)  # fused: one kernel per step
     return Stage2(run_dir=run, cfg=cfg, entry=entry, sharded=sharded, head=head, optimizer=optimizer,
                   r_dnn=inherited.r_dnn, batch_size=inherited.batch_size, tower_hidden=inherited.tower_hidden,
                   device=device, rank=rank, world_size=world, group=group)

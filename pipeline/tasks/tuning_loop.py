@@ -2,7 +2,8 @@
 
 :func:`train_head` runs the epochs of :mod:`mptrec.pipeline.tasks.prompt_tuning`'s job (step 3
 and 4 there): Adam over exactly the head's parameters, the head's gradients averaged over the
-ranks with one flat ``all_reduce``, BCE + ``r_dnn`` x ``head.l2_penalty()`` (Eq. 15). The frozen
+ranks with one flat ``all_reduce``, BCE + ``r_dnn`` x ``head.l2_penalty()`` (Eq. 15, applied as
+Adam's weight decay on ``head.l2_parameters()``: :func:`head_optimizer`, :func:`head_step`). The frozen
 features never change, so when they fit in ``feature_cache_mib`` the backbone runs ONCE over the
 train and validation rows (:class:`FeatureCache`; lock-step with filler batches, every row
 once) and each epoch trains on the cached features, reshuffled, with the ranks agreeing on the
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,15 @@ from tqdm import tqdm
 from mptrec.data_loaders.batch import Batch
 from mptrec.data_loaders.dataset import ShardDataset, make_dataloader
 from mptrec.logs import get_logger
+from mptrec.models.base import NewTaskHead
 from mptrec.pipeline.build import make_dataset
 from mptrec.pipeline.config import NewTaskSpec
 from mptrec.pipeline.distributed import agree_min, lockstep, lockstep_min
 from mptrec.pipeline.eval.efficiency import EpochClock
+from mptrec.pipeline.sharding import dense_adam
 from mptrec.pipeline.tasks.union import ShardedRunModel
 
-__all__ = ["FeatureCache", "Stage2", "StageResult", "train_head"]
+__all__ = ["FeatureCache", "Stage2", "StageResult", "head_optimizer", "head_step", "train_head"]
 
 log = get_logger(__name__)
 
@@ -52,7 +55,7 @@ class Stage2:
         entry: its task store entry.
         sharded: the sharded run model with the new head.
         head: the new head (inside ``sharded.dmp``).
-        optimizer: Adam over exactly ``head.parameters()``.
+        optimizer: Adam over exactly ``head.parameters()`` (:func:`head_optimizer`).
         r_dnn: weight of the new tower's L2 (Eq. 15).
         batch_size: rows per batch and rank.
         tower_hidden: the new tower's hidden sizes.
@@ -66,7 +69,7 @@ class Stage2:
     cfg: NewTaskSpec
     entry: dict[str, Any]
     sharded: ShardedRunModel
-    head: torch.nn.Module
+    head: NewTaskHead
     optimizer: torch.optim.Adam
     r_dnn: float
     batch_size: int
@@ -206,18 +209,42 @@ def _sync_grads(s: Stage2) -> None:
         offset += p.numel()
 
 
+def head_optimizer(head: NewTaskHead, lr: float, r_dnn: float) -> torch.optim.Adam:
+    """Fused Adam over exactly ``head.parameters()``.
+
+    Eq. 15's L2 is its weight decay ``r_dnn`` on ``head.l2_parameters()`` (the gradient
+    ``r_dnn * W`` without autograd ops).
+    """
+    decay = {id(p): r_dnn for p in head.l2_parameters()} if r_dnn > 0 else {}
+    return dense_adam(list(head.parameters()), lr, decay)
+
+
+def head_step(head: NewTaskHead, optimizer: torch.optim.Optimizer, feats: Mapping[str, torch.Tensor],
+              labels: torch.Tensor, r_dnn: float, sync: Callable[[], None] | None = None) -> float:
+    """One step of the head on frozen features (the job's, and the bench's); returns the loss.
+
+    The loss is BCE + ``r_dnn * head.l2_penalty()``; the optimizer (:func:`head_optimizer`)
+    applies the L2 term's gradient as weight decay, so its value is added without autograd.
+    ``sync`` runs between backward and the update (the job averages gradients over ranks).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    logits = head(feats)
+    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    loss.backward()
+    value = float(loss.detach())
+    if r_dnn > 0:  # the weights the loss was computed at
+        with torch.no_grad():
+            value += r_dnn * float(head.l2_penalty())
+    if sync is not None:
+        sync()
+    optimizer.step()
+    return value
+
+
 def _step(s: Stage2, feats: dict[str, torch.Tensor], labels: torch.Tensor, res: StageResult) -> float:
     """One Adam step of the head on frozen features; returns the loss."""
-    s.optimizer.zero_grad(set_to_none=True)
-    logits = s.head(feats)
-    loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    if s.r_dnn > 0:
-        loss = loss + s.r_dnn * s.head.l2_penalty()  # type: ignore[operator]
-    loss.backward()
-    _sync_grads(s)
-    s.optimizer.step()
+    value = head_step(s.head, s.optimizer, feats, labels, s.r_dnn, sync=lambda: _sync_grads(s))
     res.steps += 1
-    value = float(loss.detach())
     res.losses.append(value)
     return value
 

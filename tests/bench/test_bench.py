@@ -155,6 +155,9 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     nt = saved["new_task"]
     assert nt["time_fraction_of_full"]["median"] > nt["time_fraction_of_full_cached_epoch"]["median"]
     assert set(saved["loader"]["training"]["end_to_end_by_workers"]) >= {"0", "2"}
+    alloc = saved["allocator"]  # glibc here: the raised thresholds apply and cut the step's page faults
+    assert alloc["applied"] is True and len(alloc["speedup"]["values"]) == 2
+    assert alloc["tuned"]["faults_per_step"]["median"] < alloc["defaults"]["faults_per_step"]["median"]
     assert "no trained run" in saved["serving"]["skipped"]  # with a run: tests/pipeline/serve/test_export.py
     points = saved["growth"]["points"]
     grid = [(p["rows"], p["vocab_scale"]) for p in points]
@@ -164,7 +167,7 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     assert points[1]["rss_after_build_mib"] > points[0]["rss_after_build_mib"] + 100
     text = md.read_text()
     headings = ("Stage-1 training throughput", "New task cost", "Dense-side speedups", "Loader",
-                "How cost grows")
+                "How cost grows", "Allocator settings")
     for heading in headings:
         assert heading in text
 
