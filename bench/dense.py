@@ -69,6 +69,15 @@ def use_bernoulli_dropout(model: nn.Module) -> int:
     return count
 
 
+def use_bool_masks(model: nn.Module) -> int:
+    """Build every :class:`~mptrec.models.layers.MaskDropout`'s keep-mask with a bool comparison
+    (the default before 2026-12-03, the same values); returns how many."""
+    drops = [m for m in model.modules() if isinstance(m, MaskDropout)]
+    for m in drops:
+        m.bool_mask = True
+    return len(drops)
+
+
 @dataclass(frozen=True)
 class DenseVariant:
     """A variant of our stage-1 step.
@@ -82,7 +91,8 @@ class DenseVariant:
         overrides: config overrides (``--set`` syntax).
         bf16: bf16 autocast around the step.
         patch: ``compile`` (:func:`compile_dense_arch`), ``bernoulli_dropout``
-            (:func:`use_bernoulli_dropout`), ``ddp`` (TorchRec's default DDP wrapping on one rank).
+            (:func:`use_bernoulli_dropout`), ``ddp`` (TorchRec's default DDP wrapping on one rank),
+            ``bool_mask`` (:func:`use_bool_masks`).
     """
 
     name: str
@@ -118,6 +128,8 @@ def variants_for(s: Settings) -> list[DenseVariant]:
         ),
         DenseVariant("DDP around the dense part on one rank (the old wrapping)", "diagnostic",
                      patch=("ddp",)),
+        DenseVariant("keep-masks by bool comparison (the old masks; same values)", "diagnostic",
+                     patch=("bool_mask",)),
         DenseVariant("non-pipelined stepper", "diagnostic", overrides=("train.pipelined=false",)),
         DenseVariant("no dropout (changes the model)", "diagnostic", overrides=("model.expert_dropout=[]",)),
     ]
@@ -135,6 +147,8 @@ def _build(s: Settings, schema: dict[str, Any], group: Any, v: DenseVariant) -> 
     info: dict[str, Any] = {}
     if "bernoulli_dropout" in v.patch:
         info["dropouts_replaced"] = use_bernoulli_dropout(trainer.model)
+    if "bool_mask" in v.patch:
+        info["bool_masks"] = use_bool_masks(trainer.model)
     if "compile" in v.patch:
         trainer.step(0)  # the pipeline traces the model on its first step; compile after that
         compile_dense_arch(trainer.model)

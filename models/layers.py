@@ -66,16 +66,31 @@ class MaskDropout(nn.Module):
         self.p: float = float(p)
         self.threshold: int = round(self.p * 65536) - 32768
         self.scale: float = 1.0 / (1.0 - self.p)
+        #: build the keep-mask with a bool comparison (the masks before 2026-12-03; same values)
+        self.bool_mask: bool = False
+
+    def keep_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The multiplier for ``x``: ``scale`` where kept, else 0, in ``x``'s dtype (no gradient).
+
+        Kept means ``bits >= threshold`` for the element's 16 random bits. The comparison is
+        computed as ``clamp(bits - (threshold - 1), 0, 1)`` in float32, exact for 16-bit
+        integers and the same values: on this CPU an op with a bool output (``>=``) runs about
+        6x slower than a float one, so this builds the mask 3.7x faster (168 vs 623 us for a
+        3 x 2000 x 128 mask). ``bool_mask`` keeps the comparison (the bench's diagnostic).
+        """
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+        bits = words.view(torch.int16)[:n].view(x.shape)
+        if self.bool_mask:
+            return (bits >= self.threshold).to(x.dtype).mul_(self.scale)
+        keep = bits.to(torch.float32).sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(self.scale)
+        return keep.to(x.dtype)  # no copy in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Drop and rescale in training mode; identity in eval mode."""
         if not self.training or self.p == 0.0:
             return x
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-        bits = words.view(torch.int16)[:n].view(x.shape)
-        keep = (bits >= self.threshold).to(x.dtype).mul_(self.scale)  # a constant: no gradient
-        return x * keep
+        return x * self.keep_scale(x)
 
     def extra_repr(self) -> str:
         """``p`` shown by ``print(module)``."""

@@ -64,6 +64,30 @@ def test_stacked_mlp_dropout_only_in_train_mode_and_validation() -> None:
         StackedMLP(0, 4, (8,), last_activation=True)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_float_keep_masks_equal_the_bool_comparison_and_use_the_same_draws(bf16: bool) -> None:
+    torch.manual_seed(0)
+    mlp = StackedMLP(3, 16, (32, 8), last_activation=True, dropout=(0.1, 0.3))
+    x = torch.randn(300, 16, requires_grad=True)
+    got = []
+    for bool_mask in (False, True):
+        for d in mlp.dropouts:
+            d.bool_mask = bool_mask  # type: ignore[assignment]
+        mlp.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = mlp.forward_shared(x)
+        y.float().pow(2).sum().backward()
+        got.append([y.detach(), x.grad, *(p.grad for p in mlp.parameters()), torch.rand(3)])
+    for a, b in zip(*got):  # bit-identical, and the generator is left at the same state (last item)
+        assert a is not None and b is not None and torch.equal(a, b)
+    assert got[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
+    keep = mlp.dropouts[0].keep_scale(torch.empty(100_000))  # type: ignore[operator]
+    assert keep.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert abs(float((keep == 0).float().mean()) - 0.1) < 0.005
+
+
 def test_grad_reverse_multiplies_gradient_by_minus_alpha() -> None:
     # hand-built: y = sum(w * GRL(x)); dL/dx = -alpha * w, dL/dw = x (unchanged)
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
