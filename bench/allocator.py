@@ -1,9 +1,12 @@
-"""The allocator settings of :mod:`mptrec.launch.runtime`: our stage-1 step with and without them.
+"""Process settings: the allocator of :mod:`mptrec.launch.runtime`, and OpenMP thread pinning.
 
-The settings are process-wide and applied once at start, so each measurement runs in its own
-freshly spawned process (``MPTREC_MALLOC_TUNING=0`` for the C library's defaults), the two
-alternating (on, off, on, off, ...); each reports the step's samples/s and the minor page faults
-per step (``getrusage``), over the same steps after the same warm-up.
+Our stage-1 step at the paper's dims with the allocator settings (the default), without them
+(``MPTREC_MALLOC_TUNING=0``), and with them plus OpenMP threads pinned to cores
+(``OMP_PROC_BIND=close``, ``OMP_PLACES=cores``, read by the OpenMP runtime when it starts). The
+settings are process-wide and applied at start, so each measurement runs in its own freshly
+spawned process, the modes alternating (tuned, defaults, pinned, tuned, ...); each reports the
+step's samples/s and the minor page faults per step (``getrusage``), over the same steps after
+the same warm-up.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 from mptrec.bench.common import PAPER, Settings, process_group, run_config
 from mptrec.bench.harness import Stat, in_fresh_process, ratio
 
-MODES = ("tuned", "defaults")
+MODES = ("tuned", "defaults", "pinned")
+#: the environment of the ``pinned`` mode's process (set before it starts)
+PINNED_ENV = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 
 
 def _worker(mode: str, s: Settings, queue: Any) -> None:
@@ -33,7 +38,7 @@ def _worker(mode: str, s: Settings, queue: Any) -> None:
         from mptrec.data_loaders.layout import read_schema
         from mptrec.launch.runtime import ENV, tune_allocator
 
-        os.environ[ENV] = "1" if mode == "tuned" else "0"
+        os.environ[ENV] = "0" if mode == "defaults" else "1"
         applied = tune_allocator()
         logging.getLogger("torchrec").setLevel(logging.ERROR)
         torch.set_num_threads(s.threads)
@@ -57,12 +62,22 @@ def _worker(mode: str, s: Settings, queue: Any) -> None:
 
 
 def allocator(s: Settings) -> dict[str, Any]:
-    """Samples/s and minor faults per step of our stage-1 step, allocator settings on vs off."""
+    """Samples/s and minor faults per step of our stage-1 step: allocator settings on, off, on + pinned."""
     got: dict[str, dict[str, list[float]]] = {m: {"samples_per_s": [], "faults_per_step": []} for m in MODES}
     applied = False
     for r in range(s.repeats):
         for mode in MODES:
-            res = in_fresh_process(_worker, (mode, s), f"allocator bench ({mode})")
+            saved = {k: os.environ.get(k) for k in PINNED_ENV}
+            if mode == "pinned":  # the spawned process inherits the environment at start
+                os.environ.update(PINNED_ENV)
+            try:
+                res = in_fresh_process(_worker, (mode, s), f"allocator bench ({mode})")
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             applied = applied or (mode == "tuned" and bool(res["applied"]))
             for k in ("samples_per_s", "faults_per_step"):
                 got[mode][k].append(float(res[k]))
@@ -74,4 +89,6 @@ def allocator(s: Settings) -> dict[str, Any]:
         "applied": applied,
         **stats,
         "speedup": ratio(stats["tuned"]["samples_per_s"], stats["defaults"]["samples_per_s"]),
+        "pinned_speedup": ratio(stats["pinned"]["samples_per_s"], stats["tuned"]["samples_per_s"]),
+        "pinned_env": PINNED_ENV,
     }

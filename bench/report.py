@@ -116,16 +116,20 @@ def _profile(res: Mapping[str, Any]) -> list[str]:
 
 def _allocator(res: Mapping[str, Any]) -> list[str]:
     sec = res.get("allocator")
-    lines = ["## Allocator settings (our stage-1 step, paper dims, one fresh process per figure)", ""]
+    lines = ["## Allocator settings and thread pinning (our stage-1 step, paper dims)", ""]
     if sec is None or "error" in sec:
         return lines + _error(sec)
+    names = (("glibc thresholds raised (`launch/runtime.py`, the default)", "tuned"),
+             ("C library defaults (`MPTREC_MALLOC_TUNING=0`)", "defaults"),
+             ("raised thresholds + OpenMP threads pinned (`OMP_PROC_BIND=close OMP_PLACES=cores`)", "pinned"))
     rows = [[name, fmt(sec[key]["samples_per_s"]), fmt(sec[key]["faults_per_step"])]
-            for name, key in (("glibc thresholds raised (`launch/runtime.py`, the default)", "tuned"),
-                              ("C library defaults (`MPTREC_MALLOC_TUNING=0`)", "defaults"))]
-    lines += _table(["allocator", "samples/s", "minor page faults per step"], rows)
+            for name, key in names if key in sec]
+    lines += _table(["process settings", "samples/s", "minor page faults per step"], rows)
     applied = "" if sec.get("applied") else " (the settings could not be applied here: no glibc `mallopt`)"
-    speedup = fmt(sec["speedup"], 2)
-    return lines + [f"Raised thresholds / defaults: {speedup}x{applied}; the processes alternate.", ""]
+    text = f"Raised thresholds / defaults: {fmt(sec['speedup'], 2)}x{applied}"
+    if "pinned_speedup" in sec:
+        text += f"; pinned / not pinned: {fmt(sec['pinned_speedup'], 2)}x"
+    return lines + [text + "; one fresh process per figure, the modes alternating.", ""]
 
 
 def _dense(res: Mapping[str, Any]) -> list[str]:

@@ -2,13 +2,16 @@
 
 A training step allocates and frees the same few MiB of activations and gradients each step
 (at the paper's Ali-CCP dims the first expert layer alone is 3 x 2000 x 128 floats = 3 MiB a
-tensor). With glibc's defaults such blocks are served by fresh ``mmap`` pages or by heap memory
-that ``free`` has just trimmed back to the kernel, so every step page-faults its activations in
-again: about 2,000 minor faults a step (8 MiB of zeroed pages) at the paper's dims. Raising the
-``mmap`` threshold to its maximum (32 MiB on 64-bit) and the trim threshold to 1 GiB keeps those
-blocks in the heap for reuse: the faults drop to none per step (``mptrec bench --only
-allocator``). The cost: up to 1 GiB of freed heap may stay resident instead of going back to
-the kernel (allocations of 32 MiB and more, such as large tables, still use ``mmap``).
+tensor). With glibc's defaults, whether such blocks are reused from the heap or are fresh
+``mmap`` pages (or heap memory that ``free`` trimmed back to the kernel) depends on glibc's
+*dynamic* thresholds, that is on what the process freed before: a dense-only MPT-Rec step at
+the paper's dims faulted about 2,000 pages (8 MiB) in every step and ran about 15% slower, while
+the pipeline's own step, whose setup happens to raise the thresholds, faults 22-199 pages a step
+(``mptrec bench --only allocator``: 38 median, 16 with these settings; its speed is the same
+within the machine's noise). Fixing the ``mmap`` threshold at its maximum (32 MiB on 64-bit)
+and the trim threshold at 1 GiB makes the reuse independent of that history. The cost: up to
+1 GiB of freed heap may stay resident instead of going back to the kernel (allocations of
+32 MiB and more, such as large tables, still use ``mmap``).
 
 Set ``MPTREC_MALLOC_TUNING=0`` to keep the C library's defaults. Other C libraries than glibc
 (no ``mallopt``) are left alone; :func:`tune_allocator` says whether it applied the settings.
