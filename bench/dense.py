@@ -26,6 +26,7 @@ from mptrec.bench.common import PAPER, Settings, load_batches, run_config
 from mptrec.bench.harness import Variant, ratio, throughput
 from mptrec.bench.ours import Stage1, build_stage1, compile_dense_arch, scorer
 from mptrec.bench.profiling import profile_steps
+from mptrec.models.base import MultiTaskModel
 from mptrec.models.layers import MaskDropout
 from mptrec.pipeline import sharding
 from mptrec.pipeline.build import resolve_run_features
@@ -78,6 +79,18 @@ def use_bool_masks(model: nn.Module) -> int:
     return len(drops)
 
 
+def l2_in_loss(model: MultiTaskModel, optimizer: Any) -> int:
+    """Put the dense L2 (``r_dnn``) back into the loss, through autograd, and take it out of the
+    optimizer's weight decay (the default before 2026-12-03; the same update to rounding);
+    returns how many weight matrices it covers."""
+    ids = {id(p) for p in model.l2_parameters()}
+    for group in optimizer.param_groups:
+        if any(id(p) in ids for p in group["params"]):
+            group["weight_decay"] = 0.0
+    model.l2_by_optimizer = False
+    return len(ids)
+
+
 @dataclass(frozen=True)
 class DenseVariant:
     """A variant of our stage-1 step.
@@ -92,7 +105,7 @@ class DenseVariant:
         bf16: bf16 autocast around the step.
         patch: ``compile`` (:func:`compile_dense_arch`), ``bernoulli_dropout``
             (:func:`use_bernoulli_dropout`), ``ddp`` (TorchRec's default DDP wrapping on one rank),
-            ``bool_mask`` (:func:`use_bool_masks`).
+            ``bool_mask`` (:func:`use_bool_masks`), ``l2_in_loss`` (:func:`l2_in_loss`).
     """
 
     name: str
@@ -130,6 +143,8 @@ def variants_for(s: Settings) -> list[DenseVariant]:
                      patch=("ddp",)),
         DenseVariant("keep-masks by bool comparison (the old masks; same values)", "diagnostic",
                      patch=("bool_mask",)),
+        DenseVariant("dense L2 through autograd (the old loss term; same update)", "diagnostic",
+                     patch=("l2_in_loss",)),
         DenseVariant("non-pipelined stepper", "diagnostic", overrides=("train.pipelined=false",)),
         DenseVariant("no dropout (changes the model)", "diagnostic", overrides=("model.expert_dropout=[]",)),
     ]
@@ -149,6 +164,8 @@ def _build(s: Settings, schema: dict[str, Any], group: Any, v: DenseVariant) -> 
         info["dropouts_replaced"] = use_bernoulli_dropout(trainer.model)
     if "bool_mask" in v.patch:
         info["bool_masks"] = use_bool_masks(trainer.model)
+    if "l2_in_loss" in v.patch:
+        info["l2_matrices"] = l2_in_loss(trainer.model, trainer.optimizer)
     if "compile" in v.patch:
         trainer.step(0)  # the pipeline traces the model on its first step; compile after that
         compile_dense_arch(trainer.model)

@@ -162,6 +162,26 @@ def _fill(prompt: PromptTuner, batches: Sequence[Batch]) -> FeatureCache:
     return FeatureCache(rows, const, torch.cat([b.labels[NEW_TASK.name] for b in batches]))
 
 
+def gather_ms(cache: FeatureCache, batch: int, repeats: int) -> dict[str, Stat]:
+    """ms per batch to gather an epoch's shuffled batches from the cache: the job's
+    ``index_select`` (:meth:`FeatureCache.batches`) vs indexing with the index tensor (before
+    2026-12-03), interleaved, the same permutation for both."""
+    times: dict[str, list[float]] = {"index_select": [], "indexing": []}
+    n = cache.num_batches(batch)
+    for r in range(max(1, repeats)):
+        order = torch.randperm(cache.num_rows, generator=torch.Generator().manual_seed(r))
+        t0 = time.perf_counter()
+        for _ in cache.batches(batch, order):
+            pass
+        times["index_select"].append((time.perf_counter() - t0) * 1e3 / n)
+        t0 = time.perf_counter()
+        for start in range(0, cache.num_rows, batch):
+            sel = order[start:start + batch]
+            _ = {k: v[sel] for k, v in cache.rows.items()}, cache.labels[sel]
+        times["indexing"].append((time.perf_counter() - t0) * 1e3 / n)
+    return {k: Stat(v, "ms/batch") for k, v in times.items()}
+
+
 def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
     prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
     fills: list[float] = []
@@ -189,7 +209,8 @@ def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any
         trainable=count_parameters(prompt.head)[0],
         backbone_grads=lambda: grad_bytes(prompt.backbone),
         optimizer_state=lambda: optimizer_state_bytes(prompt.optimizer),
-        extra=lambda: {"cache_fill_s": Stat(fills, "s")},
+        extra=lambda: {"cache_fill_s": Stat(fills, "s"),
+                       "gather_ms_per_batch": gather_ms(cache, batch, s.repeats)},
     )
 
 

@@ -270,10 +270,16 @@ def _new_task(res: Mapping[str, Any]) -> list[str]:
     else:
         frac = fmt(sec["time_fraction_of_full"], 3)
         cached = f"Prompt tuning takes {frac} of full retraining's time per epoch"
+    gather = sec["variants"].get("prompt_tune_cached", {}).get("gather_ms_per_batch")
+    gathered = ""
+    if gather is not None:
+        gathered = (f" Gathering a shuffled batch from the cache: {fmt(gather['index_select'], 2)} ms with "
+                    f"`index_select` (the job's), {fmt(gather['indexing'], 2)} ms indexing with the index "
+                    "tensor (before 2026-12-03).")
     return lines + [
         f"{sec['rows_per_epoch']:,} rows per epoch. {cached}; the paper's way "
         f"is {fmt(sec['paper_prompt_vs_ours'], 2)}x slower than ours. FLOPs: one multiply-add = one flop, "
-        "matrix products only; fwd = the trained part's forward (the paper's %FLOPs measure).",
+        f"matrix products only; fwd = the trained part's forward (the paper's %FLOPs measure).{gathered}",
         "",
     ]
 

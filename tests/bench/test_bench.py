@@ -155,9 +155,14 @@ def test_mptrec_bench_runs_end_to_end_on_tiny_sizes(tmp_path: Path) -> None:
     nt = saved["new_task"]
     assert nt["time_fraction_of_full"]["median"] > nt["time_fraction_of_full_cached_epoch"]["median"]
     assert set(saved["loader"]["training"]["end_to_end_by_workers"]) >= {"0", "2"}
-    alloc = saved["allocator"]  # glibc here: the raised thresholds apply and cut the step's page faults
-    assert alloc["applied"] is True and len(alloc["speedup"]["values"]) == 2
-    assert alloc["tuned"]["faults_per_step"]["median"] < alloc["defaults"]["faults_per_step"]["median"]
+    alloc = saved["allocator"]  # glibc here: the settings apply (their effect: tests/launch/test_runtime.py)
+    assert alloc["applied"] is True
+    assert len(alloc["speedup"]["values"]) == len(alloc["pinned_speedup"]["values"]) == 2
+    assert all(alloc[m]["samples_per_s"]["min"] > 0 for m in ("tuned", "defaults", "pinned"))
+    dense = saved["dense_speedups"]
+    assert dense["dense L2 through autograd (the old loss term; same update)"]["l2_matrices"] == 5
+    gather = saved["new_task"]["variants"]["prompt_tune_cached"]["gather_ms_per_batch"]
+    assert gather["index_select"]["min"] > 0 and gather["indexing"]["min"] > 0
     assert "no trained run" in saved["serving"]["skipped"]  # with a run: tests/pipeline/serve/test_export.py
     points = saved["growth"]["points"]
     grid = [(p["rows"], p["vocab_scale"]) for p in points]
