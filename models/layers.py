@@ -74,9 +74,9 @@ class MaskDropout(nn.Module):
 
         Kept means ``bits >= threshold`` for the element's 16 random bits. The comparison is
         computed as ``clamp(bits - (threshold - 1), 0, 1)`` in float32, exact for 16-bit
-        integers and the same values: on this CPU an op with a bool output (``>=``) runs about
-        6x slower than a float one, so this builds the mask 3.7x faster (168 vs 623 us for a
-        3 x 2000 x 128 mask). ``bool_mask`` keeps the comparison (the bench's diagnostic).
+        integers and the same values: on this CPU the ops with a bool output (``>=``, and its
+        conversion) were the slow part of the mask. ``bool_mask`` keeps the comparison (the
+        diagnostic "keep-masks by bool comparison" of ``mptrec bench --only dense``).
         """
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
