@@ -1,4 +1,4 @@
-"""Process settings: the allocator of :mod:`mptrec.launch.runtime`, and OpenMP thread pinning.
+"""Process settings: the allocator of :mod:`mptrec.runtime`, and OpenMP thread pinning.
 
 Our stage-1 step at the paper's dims with the allocator settings (the default), without them
 (``MPTREC_MALLOC_TUNING=0``), and with them plus OpenMP threads pinned to cores
@@ -36,7 +36,7 @@ def _worker(mode: str, s: Settings, queue: Any) -> None:
         from mptrec.bench.dense import _batches
         from mptrec.bench.ours import build_stage1
         from mptrec.data_loaders.layout import read_schema
-        from mptrec.launch.runtime import ENV, tune_allocator
+        from mptrec.runtime import ENV, tune_allocator
 
         os.environ[ENV] = "0" if mode == "defaults" else "1"
         applied = tune_allocator()

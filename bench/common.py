@@ -207,10 +207,10 @@ def process_group() -> Iterator[dist.ProcessGroup]:
     """A one-process gloo group on an in-memory store (as ``mptrec train`` without torchrun).
 
     Like :func:`mptrec.launch.dist.init_distributed`, it first applies the allocator settings of
-    :mod:`mptrec.launch.runtime` (a process-wide setting: the references measured in the same
+    :mod:`mptrec.runtime` (a process-wide setting: the references measured in the same
     process get them too).
     """
-    from mptrec.launch.runtime import tune_allocator
+    from mptrec.runtime import tune_allocator
 
     tune_allocator()
     created = not dist.is_initialized()

@@ -119,7 +119,7 @@ def _allocator(res: Mapping[str, Any]) -> list[str]:
     lines = ["## Allocator settings and thread pinning (our stage-1 step, paper dims)", ""]
     if sec is None or "error" in sec:
         return lines + _error(sec)
-    names = (("glibc thresholds raised (`launch/runtime.py`, the default)", "tuned"),
+    names = (("glibc thresholds raised (`mptrec_pkg/runtime.py`, the default)", "tuned"),
              ("C library defaults (`MPTREC_MALLOC_TUNING=0`)", "defaults"),
              ("raised thresholds + OpenMP threads pinned (`OMP_PROC_BIND=close OMP_PLACES=cores`)", "pinned"))
     rows = [[name, fmt(sec[key]["samples_per_s"]), fmt(sec[key]["faults_per_step"])]

@@ -25,7 +25,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from mptrec.launch.runtime import tune_allocator
+from mptrec.runtime import tune_allocator
 
 __all__ = ["init_distributed", "teardown", "resolve_device"]
 
@@ -94,7 +94,7 @@ def init_distributed(device: str) -> tuple[torch.device, int, int]:
     The backend is ``nccl`` on CUDA and ``gloo`` on CPU. On CUDA the process uses GPU
     ``LOCAL_RANK`` (``torch.cuda.set_device``), so ``-j NxM`` needs at least M visible GPUs
     per node. Without torchrun's variables a one-process group (rank 0 of 1) is created.
-    First it applies the process-wide allocator settings of :mod:`mptrec.launch.runtime`.
+    First it applies the process-wide allocator settings of :mod:`mptrec.runtime`.
 
     Args:
         device: ``auto``, ``cpu`` or ``cuda`` (the config's ``train.device``).
@@ -110,7 +110,7 @@ def init_distributed(device: str) -> tuple[torch.device, int, int]:
     """
     if dist.is_initialized():
         raise RuntimeError("init_distributed: a default process group already exists; call teardown() first")
-    tune_allocator()  # every job starts here: keep per-step activations in the heap (launch/runtime.py)
+    tune_allocator()  # every job starts here (mptrec.runtime: the allocator settings)
     kind = resolve_device(device)
     launch = _read_launch_env()
     rank, world_size, local_rank = launch if launch is not None else (0, 1, 0)

@@ -70,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist
 
     from mptrec.launch.dist import init_distributed, teardown
-    from mptrec.launch.runtime import allocator_status
     from mptrec.logs import get_logger
     from mptrec.pipeline.rundir import RunDirError, load_run_config
     from mptrec.pipeline.tasks.prompt_tuning import prompt_tune
     from mptrec.pipeline.tasks.store import prompt_config
+    from mptrec.runtime import allocator_status
 
     try:
         run_cfg = load_run_config(args.run)

@@ -33,13 +33,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from mptrec.data_loaders.schema import DataError
     from mptrec.launch.dist import init_distributed, teardown
-    from mptrec.launch.runtime import allocator_status
     from mptrec.logs import get_logger
     from mptrec.pipeline.checkpoint_files import CheckpointError
     from mptrec.pipeline.config import load_config
     from mptrec.pipeline.sharding import ShardingError
     from mptrec.pipeline.strict import ConfigError
     from mptrec.pipeline.train.pretrain import pretrain
+    from mptrec.runtime import allocator_status
 
     try:
         cfg = load_config(args.config, args.overrides)

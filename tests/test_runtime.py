@@ -1,4 +1,4 @@
-"""The allocator settings every job applies (``mptrec.launch.runtime``), each in a fresh interpreter."""
+"""The allocator settings every job applies (``mptrec.runtime``), each in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 # activations and gradients a step), the minor page faults per step
 PROBE = """
 import json, resource, torch
-from mptrec.launch.runtime import allocator_status, tune_allocator
+from mptrec.runtime import allocator_status, tune_allocator
 applied = tune_allocator()
 torch.set_num_threads(1)
 torch.manual_seed(0)

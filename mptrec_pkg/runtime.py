@@ -6,7 +6,7 @@ tensor). With glibc's defaults, whether such blocks are reused from the heap or 
 ``mmap`` pages (or heap memory that ``free`` trimmed back to the kernel) depends on glibc's
 *dynamic* thresholds, that is on what the process freed before: a small MLP's training step on
 a batch of 16,000 faulted 3,300-5,000 pages a step with the defaults and 240-400 with these
-settings in 4 runs (the probe of ``tests/launch/test_runtime.py``), while the pipeline's own
+settings in 4 runs (the probe of ``tests/test_runtime.py``), while the pipeline's own
 stage-1 step, whose setup happens to raise the thresholds, faults few pages either way and
 runs at the same speed within the machine's noise (``mptrec bench --only allocator``).
 Fixing the ``mmap`` threshold at its maximum (32 MiB on 64-bit) and the trim threshold at 1 GiB
