@@ -153,13 +153,9 @@ def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _W
 
 
 def _fill(prompt: PromptTuner, batches: Sequence[Batch]) -> FeatureCache:
-    """The job's cache fill: the frozen features of every batch, concatenated (as ``_collect``)."""
-    feats = [prompt.features(b) for b in batches]
-    n = [b.batch_size for b in batches]
-    per_row = [k for k, v in feats[0].items() if v.dim() > 0 and v.shape[0] == n[0]]
-    rows = {k: torch.cat([f[k] for f in feats]) for k in per_row}
-    const = {k: v for k, v in feats[0].items() if k not in per_row}
-    return FeatureCache(rows, const, torch.cat([b.labels[NEW_TASK.name] for b in batches]))
+    """The job's cache fill: the frozen features of every batch (:meth:`FeatureCache.build`)."""
+    return FeatureCache.build(((prompt.features(b), b.labels[NEW_TASK.name]) for b in batches),
+                              torch.device("cpu"))
 
 
 def gather_ms(cache: FeatureCache, batch: int, repeats: int) -> dict[str, Stat]:

@@ -143,6 +143,34 @@ class FeatureCache:
         """Rows held."""
         return int(self.labels.shape[0])
 
+    @classmethod
+    def build(cls, items: Iterable[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+              device: torch.device) -> FeatureCache:
+        """The cache of ``(features, labels)`` batches.
+
+        Per-sample features are concatenated; the others (the same in every batch) are kept once.
+
+        Raises:
+            RuntimeError: a feature that is neither per sample nor the same in every batch.
+        """
+        rows: dict[str, list[torch.Tensor]] = {}
+        const: dict[str, torch.Tensor] = {}
+        labels: list[torch.Tensor] = []
+        for feats, y in items:
+            n = y.shape[0]
+            for k, v in feats.items():
+                if v.dim() > 0 and v.shape[0] == n:
+                    rows.setdefault(k, []).append(v)
+                elif k not in const:
+                    const[k] = v
+                elif not torch.equal(const[k], v):
+                    raise RuntimeError(f"backbone feature {k!r} is neither per-sample nor constant "
+                                       f"(shape {tuple(v.shape)})")
+            labels.append(y)
+        if not labels:
+            return cls({}, const, torch.zeros(0, device=device))
+        return cls({k: torch.cat(v) for k, v in rows.items()}, const, torch.cat(labels))
+
     def num_batches(self, batch_size: int) -> int:
         """Batches of ``batch_size`` (the last one partial)."""
         return -(-self.num_rows // batch_size)
@@ -167,27 +195,15 @@ class FeatureCache:
 
 def _collect(s: Stage2, batches: Iterable[Batch]) -> FeatureCache:
     """Run the frozen backbone once over ``batches`` (lock-step with fillers: collective)."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    const: dict[str, torch.Tensor] = {}
-    labels: list[torch.Tensor] = []
-    for batch, real in lockstep(batches, group=s.group):
-        batch = batch.to(s.device, non_blocking=True)
-        feats = s.sharded.model.backbone_features(batch.dense_features, batch.sparse_features)  # type: ignore[operator]
-        if not real:
-            continue
-        n = batch.batch_size
-        for k, v in feats.items():
-            if v.dim() > 0 and v.shape[0] == n:
-                rows.setdefault(k, []).append(v)
-            elif k not in const:
-                const[k] = v
-            elif not torch.equal(const[k], v):
-                raise RuntimeError(f"backbone feature {k!r} is neither per-sample nor constant "
-                                   f"(shape {tuple(v.shape)})")
-        labels.append(batch.labels[s.cfg.name])
-    if not labels:
-        return FeatureCache({}, const, torch.zeros(0, device=s.device))
-    return FeatureCache({k: torch.cat(v) for k, v in rows.items()}, const, torch.cat(labels))
+
+    def items() -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        for batch, real in lockstep(batches, group=s.group):
+            batch = batch.to(s.device, non_blocking=True)
+            feats = s.sharded.model.backbone_features(batch.dense_features, batch.sparse_features)  # type: ignore[operator]
+            if real:  # a filler batch only keeps the collectives in step
+                yield feats, batch.labels[s.cfg.name]
+
+    return FeatureCache.build(items(), s.device)
 
 
 def _cache_fits(s: Stage2, train: ShardDataset, valid: ShardDataset | None) -> bool:
