@@ -121,8 +121,8 @@ class MultiTaskModel(nn.Module, abc.ABC):
     #: here once per model class; everything else derives from ``MODELS``
     #: (:func:`mptrec.models.registry.new_task_methods`).
     new_task_methods: ClassVar[tuple[str, ...]] = ()
-    #: the methods among them whose heads read each row's sparse ids (``NewTaskHead.needs_ids``):
-    #: they need every sparse feature single-valued
+    #: the methods among them whose heads read each row's sparse ids (``NewTaskHead.needs_ids``)
+    #: of the single-valued features (:attr:`id_features`): they need at least one
     id_reading_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -149,6 +149,10 @@ class MultiTaskModel(nn.Module, abc.ABC):
         _check_tasks(task_names, task_weights)
         self.ebc: EmbeddingBagCollection = ebc
         self.sparse_features: list[str] = list(sparse_features)
+        #: the single-valued sparse features (one id per row), ``sparse_features`` order: the ones
+        #: :meth:`feature_ids` returns. All of them unless the builder says otherwise
+        #: (:meth:`set_single_valued`; list features are pooled bags of ids)
+        self.id_features: list[str] = list(sparse_features)
         self.dense_dim: int = dense_dim
         self.input_dim: int = dense_dim + sum(widths[f] for f in sparse_features)
         if self.input_dim < 1:
@@ -188,28 +192,43 @@ class MultiTaskModel(nn.Module, abc.ABC):
                 sizes[f] = (cfg.num_embeddings, cfg.embedding_dim)
         return [sizes[f] for f in self.sparse_features]
 
-    def feature_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """The ids of single-valued sparse features, one per row and feature.
+    def set_single_valued(self, names: Sequence[str]) -> None:
+        """Declare which sparse features hold exactly one id per row (the rest are list features).
 
-        Only for inputs where every sparse feature holds exactly one id per row (the caller
-        checks: ``mptrec tasks register`` refuses a head that needs ids on list features).
+        Args:
+            names: a subset of ``sparse_features`` (any order).
+
+        Raises:
+            ValueError: a name is not a sparse feature of the model.
+        """
+        unknown = [f for f in names if f not in self.sparse_features]
+        if unknown:
+            raise ValueError(f"single-valued features {unknown} are not sparse features of the model "
+                             f"{self.sparse_features}")
+        chosen = set(names)
+        self.id_features = [f for f in self.sparse_features if f in chosen]
+
+    def feature_ids(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """The ids of the single-valued sparse features (:attr:`id_features`), one per row and feature.
 
         Args:
             kjt: sparse ids, keys = ``sparse_features`` (any order).
 
         Returns:
-            (B, F) int64, columns in ``sparse_features`` order.
+            (B, len(id_features)) int64, columns in ``id_features`` order.
 
         Raises:
             ValueError: a feature holds other than one id per row (named with its id count).
         """
         per_key = kjt.to_dict()
         rows = kjt.stride()
-        ids = [per_key[f].values() for f in self.sparse_features]
-        wrong = [(f, v.numel()) for f, v in zip(self.sparse_features, ids) if v.numel() != rows]
+        ids = [per_key[f].values() for f in self.id_features]
+        wrong = [(f, v.numel()) for f, v in zip(self.id_features, ids) if v.numel() != rows]
         if wrong:
-            raise ValueError(f"feature_ids needs one id per row of every sparse feature; batch of {rows} "
-                             f"rows, (feature, ids): {wrong}")
+            raise ValueError(f"feature_ids needs one id per row of every single-valued sparse feature; "
+                             f"batch of {rows} rows, (feature, ids): {wrong}")
+        if not ids:
+            return torch.zeros(rows, 0, dtype=torch.long)
         return torch.stack(ids, dim=1)
 
     # ---- the contract -----------------------------------------------------------------------
@@ -350,7 +369,8 @@ class NewTaskHead(nn.Module, abc.ABC):
     """
 
     #: whether :meth:`forward` reads ``feats["ids"]``, the (B, F) ids of the single-valued sparse
-    #: features (:meth:`MultiTaskModel.feature_ids`), besides the backbone's ``features()``
+    #: features (:meth:`MultiTaskModel.feature_ids`, ``id_features`` order), besides the
+    #: backbone's ``features()``
     needs_ids: bool = False
 
     def __init__(self, task_name: str, method: str) -> None:

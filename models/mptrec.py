@@ -277,6 +277,8 @@ class MPTRec(MultiTaskModel):
             name, method, input_dim=self.input_dim, hidden_dim=self.hidden_dim, num_tasks=self.num_tasks,
             tower_hidden=tower, tau=self.cfg.tau,
             id_tables=self.id_tables() if method in DELTA_METHODS else None, dense_dim=self.dense_dim,
+            offset_blocks=[f in self.id_features for f in self.sparse_features] if method in DELTA_METHODS
+            else None,
         )
 
 
@@ -296,12 +298,13 @@ class MPTRecNewTaskHead(NewTaskHead):
 
     ``mptrec_emb`` (beyond the paper): ``mptrec`` reading ``e' = e + delta`` wherever it reads
     ``e`` (projection, gate), plus a rank-1 residual path from ``e'``. ``delta`` is the new task's
-    own per-id offset of every frozen table row (zero-initialised, so the head starts as
-    ``mptrec``; in :meth:`l2_penalty`): the frozen embeddings were shaped, and L2-shrunk, for the
-    old tasks, and this lets the new task move its own copy of them while the old tasks keep
-    theirs. It reads ``feats["ids"]`` (:attr:`needs_ids`), so every sparse feature must be
-    single-valued. ``sum_f V_f d_f + D_in + H`` more parameters (Census: 1,884 + 251, 29,198 =
-    9.96% in all).
+    own per-id offset of every row of the single-valued features' frozen tables (zero-initialised,
+    so the head starts as ``mptrec``; in :meth:`l2_penalty`): the frozen embeddings were shaped,
+    and L2-shrunk, for the old tasks, and this lets the new task move its own copy of them while
+    the old tasks keep theirs. It reads ``feats["ids"]`` (:attr:`needs_ids`), the ids of the
+    single-valued features; a list feature's pooled block of ``e`` is read as it is.
+    ``sum_f V_f d_f + D_in + H`` more parameters over the single-valued features f (Census, all
+    single-valued: 1,884 + 251, 29,198 = 9.96% in all).
 
     Args:
         task_name: the new task.
@@ -315,6 +318,8 @@ class MPTRecNewTaskHead(NewTaskHead):
             feature's table, in the order of their blocks in ``e``
             (:meth:`MultiTaskModel.id_tables`).
         dense_dim: ``mptrec_emb`` only: D_dense, the dense columns that lead ``e``.
+        offset_blocks: ``mptrec_emb`` only: per entry of ``id_tables``, whether the block gets
+            offsets (a single-valued feature, a column of ``feats["ids"]``); None: every block.
 
     Shapes:
         ``forward(feats)`` with ``e`` (B, D_in), ``h_shared`` (B, H), ``h_specific`` (B, K, H),
@@ -343,6 +348,7 @@ class MPTRecNewTaskHead(NewTaskHead):
         tau: float,
         id_tables: Sequence[tuple[int, int]] | None = None,
         dense_dim: int = 0,
+        offset_blocks: Sequence[bool] | None = None,
     ) -> None:
         super().__init__(task_name, method)
         if method not in MPTRec.new_task_methods:
@@ -368,9 +374,22 @@ class MPTRecNewTaskHead(NewTaskHead):
             if widths != input_dim or dense_dim < 0 or any(n < 1 or d < 1 for n, d in id_tables):
                 raise ValueError(f"id_tables {list(id_tables)} and dense_dim {dense_dim} do not make up "
                                  f"D_in = {input_dim}")
+            flags = [True] * len(id_tables) if offset_blocks is None else list(offset_blocks)
+            if len(flags) != len(id_tables) or not any(flags):
+                raise ValueError(f"offset_blocks {offset_blocks} must flag at least one of the "
+                                 f"{len(id_tables)} id_tables")
             self.needs_ids = True
             self.dense_dim: int = dense_dim
-            self.deltas = nn.ParameterList(nn.Parameter(torch.zeros(n, d)) for n, d in id_tables)
+            self.deltas = nn.ParameterList(nn.Parameter(torch.zeros(n, d))
+                                           for (n, d), on in zip(id_tables, flags) if on)
+            # e's column ranges: (start, stop, index into deltas / ids columns, or -1: read as is)
+            segments: list[tuple[int, int, int]] = []
+            start, k = dense_dim, 0
+            for (_, d), on in zip(id_tables, flags):
+                segments.append((start, start + d, k if on else -1))
+                k += on
+                start += d
+            self._segments: list[tuple[int, int, int]] = segments
         if method in ("mptrec", "mptrec_res", "mptrec_emb"):  # Eq. 10
             self.projection = nn.Sequential(
                 nn.Linear(input_dim, hidden_dim // 2, bias=False),
@@ -420,14 +439,20 @@ class MPTRecNewTaskHead(NewTaskHead):
 
         Args:
             e: (B, D_in), the frozen input vector.
-            ids: (B, F) int64, each row's id of every sparse feature.
+            ids: (B, F) int64, each row's id of every single-valued sparse feature (the flagged
+                ``offset_blocks``), in the order of their blocks in ``e``.
 
         Returns:
             (B, D_in).
         """
         assert self.deltas is not None
-        delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
-        return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)
+        if all(k >= 0 for _, _, k in self._segments):  # every block shifted: one add
+            delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
+            return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)
+        parts = [e[:, : self.dense_dim]]
+        for a, b, k in self._segments:
+            parts.append(e[:, a:b] if k < 0 else e[:, a:b] + F.embedding(ids[:, k], self.deltas[k]))
+        return torch.cat(parts, dim=1)
 
     def l2_parameters(self) -> list[nn.Parameter]:
         """Eq. 15: the new tower's weight matrices (the caller weighs their L2 by r_dnn).

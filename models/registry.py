@@ -92,6 +92,7 @@ def build_model(
     dense_dim: int,
     task_names: Sequence[str],
     task_weights: Mapping[str, float] | None = None,
+    single_valued: Sequence[str] | None = None,
 ) -> MultiTaskModel:
     """Build ``MODELS[cfg.name]``.
 
@@ -102,6 +103,8 @@ def build_model(
         dense_dim: number of dense columns.
         task_names: the tasks.
         task_weights: task -> BCE weight (default 1 each).
+        single_valued: the sparse features with one id per row (None: all of them;
+            :meth:`MultiTaskModel.set_single_valued`).
 
     Returns:
         The model.
@@ -116,8 +119,11 @@ def build_model(
     """
     if cfg.name not in MODELS:
         raise ValueError(f"model.name = {cfg.name!r} is not registered; known: {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg, ebc, sparse_features=sparse_features, dense_dim=dense_dim,
-                            task_names=task_names, task_weights=task_weights)
+    model = MODELS[cfg.name](cfg, ebc, sparse_features=sparse_features, dense_dim=dense_dim,
+                             task_names=task_names, task_weights=task_weights)
+    if single_valued is not None:
+        model.set_single_valued(single_valued)
+    return model
 
 
 def new_task_methods(model_name: str) -> tuple[str, ...]:

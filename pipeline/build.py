@@ -192,5 +192,6 @@ def build_from_config(cfg: RunConfig, schema: Mapping[str, Any],
     ebc = build_ebc(features, ebc_device)
     model = build_model(cfg.model, ebc, sparse_features=sparse, dense_dim=dense_dim,
                         task_names=cfg.task_names,
-                        task_weights={t.name: t.weight for t in cfg.tasks})
+                        task_weights={t.name: t.weight for t in cfg.tasks},
+                        single_valued=[f.name for f in features if f.kind == "sparse" and not f.multivalent])
     return model, features

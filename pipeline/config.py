@@ -312,8 +312,8 @@ class NewTaskSpec:
         description: free text kept in the task store.
         method: ``mptrec`` (prompt tuning, spec 3.3), ``mptrec_res`` (``mptrec`` plus a rank-8
             linear residual path from ``e`` into the new tower's input, beyond the paper),
-            ``mptrec_emb`` (``mptrec`` on the new task's own offsets of the frozen embeddings,
-            plus a rank-1 residual path; single-valued sparse inputs only, beyond the paper),
+            ``mptrec_emb`` (``mptrec`` on the new task's own offsets of the single-valued sparse
+            inputs' frozen embeddings, plus a rank-1 residual path, beyond the paper),
             ``fw`` / ``tes`` (transfer-weight ablations), or the baselines' fine-tuning
             forms ``shared_bottom*``, ``mmoe*``, ``ple*``: one of the ``new_task_methods`` a
             model class of ``mptrec.models.MODELS`` declares (and registration checks it is one

@@ -235,10 +235,13 @@ class ServingModule(nn.Module):
                              f"{backbone.sparse_features} in order")
         lists = [n for n, multi in zip(tables.names, tables.multi) if multi]
         readers = [n for n, h in heads.items() if h.needs_ids]
-        if readers and lists:
-            raise ValueError(f"heads {readers} read each row's ids, which needs single-valued features; "
-                             f"{lists} are list features")
+        wrong = [f for f in backbone.id_features if f in lists]
+        if readers and wrong:
+            raise ValueError(f"heads {readers} read each row's id of the backbone's single-valued "
+                             f"features {backbone.id_features}, but {wrong} are list features here")
         self.needs_ids: bool = bool(readers)
+        #: indices into the sparse inputs of the features whose ids the heads read
+        self.id_columns: list[int] = [tables.names.index(f) for f in backbone.id_features]
         backbone._modules["ebc"] = tables  # embed() calls self.ebc(sparse).to_dict()
         self.backbone: MultiTaskModel = backbone
         self.heads = nn.ModuleDict(dict(heads))
@@ -261,7 +264,7 @@ class ServingModule(nn.Module):
         feats = self.backbone.features(dense, cast(Any, SparseBatch(values, lengths)))
         out = self.backbone.logits_from_features(feats)
         if self.needs_ids:  # single-valued features: values[i] holds one id per row
-            feats = {**feats, "ids": torch.stack(values, dim=1)}
+            feats = {**feats, "ids": torch.stack([values[i] for i in self.id_columns], dim=1)}
         for name, head in self.heads.items():
             out[name] = head(feats)
         return {t: out[t] for t in self.task_names}

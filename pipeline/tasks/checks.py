@@ -49,12 +49,12 @@ def _check_features(cfg: NewTaskSpec, run_cfg: RunConfig, schema: Mapping[str, A
             f"{run_cfg.name!r}; prompt tuning cannot remove an input, pre-train without them"
         )
     if cfg.method in id_reading_methods(run_cfg.model.name):
-        lists = [f.name for f in inputs if f.multivalent]
-        if lists:
+        if not any(f.kind == "sparse" and not f.multivalent for f in inputs):
+            lists = [f.name for f in inputs if f.kind == "sparse"]
             raise RunDirError(
-                f"{where}: method {cfg.method!r} gives the new task its own offsets of each id's "
-                f"embedding and needs every sparse input single-valued; {lists} are list features "
-                f"(use mptrec_res)"
+                f"{where}: method {cfg.method!r} gives the new task its own offsets of the embedding "
+                f"of each single-valued sparse input's id, and the base model has none (sparse "
+                f"inputs: {lists}, all list features; use mptrec_res)"
             )
     if cfg.label in used:
         raise RunDirError(

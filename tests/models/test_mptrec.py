@@ -355,3 +355,39 @@ def test_feature_ids_are_one_per_row_or_a_clear_error() -> None:
                                                  torch.tensor([1, 1, 1, 2, 1, 1]))
     with pytest.raises(ValueError, match=r"batch of 3 rows, \(feature, ids\): \[\('b', 4\)\]"):
         model.feature_ids(listed)
+    model.set_single_valued(["a"])  # 'b' is a list feature: its ids are not returned
+    assert model.id_features == ["a"] and model.feature_ids(listed).tolist() == [[1], [2], [3]]
+    with pytest.raises(ValueError, match=r"single-valued features \['c'\] are not sparse features"):
+        model.set_single_valued(["a", "c"])
+
+
+def test_mptrec_emb_offsets_only_the_flagged_blocks() -> None:
+    from mptrec.models.mptrec import MPTRecNewTaskHead
+
+    kw = {"input_dim": 14, "hidden_dim": 8, "num_tasks": 2, "tower_hidden": (4,), "tau": 1.0}
+    tables = [(5, 4), (7, 4), (3, 4)]
+    torch.manual_seed(0)
+    head = MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=tables, dense_dim=2,  # type: ignore[arg-type]
+                             offset_blocks=[True, False, True])
+    assert head.deltas is not None and [tuple(t.shape) for t in head.deltas] == [(5, 4), (3, 4)]
+    with torch.no_grad():
+        for t in head.deltas:
+            t.normal_()
+    e, ids = torch.rand(6, 14), torch.tensor([[0, 2], [1, 0], [4, 1], [3, 2], [0, 0], [2, 1]])
+    shifted = head.shifted_input(e, ids)
+    torch.testing.assert_close(shifted[:, 2:6], e[:, 2:6] + head.deltas[0][ids[:, 0]])
+    assert torch.equal(shifted[:, :2], e[:, :2]) and torch.equal(shifted[:, 6:10], e[:, 6:10])
+    torch.testing.assert_close(shifted[:, 10:], e[:, 10:] + head.deltas[1][ids[:, 1]])
+    # every block flagged (the one-add path): each block moves by its own table's rows
+    every = MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=tables, dense_dim=2)  # type: ignore[arg-type]
+    assert every.deltas is not None
+    with torch.no_grad():
+        for t in every.deltas:
+            t.normal_()
+    ids3 = torch.tensor([[0, 6, 2], [4, 1, 0]])
+    want = torch.cat([e[:2, :2]] + [e[:2, a:a + 4] + every.deltas[k][ids3[:, k]]
+                                    for k, a in enumerate((2, 6, 10))], dim=1)
+    torch.testing.assert_close(every.shifted_input(e[:2], ids3), want)
+    with pytest.raises(ValueError, match="must flag at least one of the 3 id_tables"):
+        MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=tables, dense_dim=2,  # type: ignore[arg-type]
+                          offset_blocks=[False, False, False])

@@ -582,7 +582,40 @@ def test_head_reading_ids_exports_and_refuses_list_features() -> None:
     for t in want:
         assert torch.equal(got[t], eager[t]), t
         torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
-    listed, list_features = _fresh_model(0)
-    with pytest.raises(ValueError, match=r"read each row's ids.*\['l'\] are list features"):
+    listed, list_features = _fresh_model(0)  # its backbone was not told that 'l' is a list feature
+    with pytest.raises(ValueError, match=r"read each row's id .*single-valued features \['a', 'l'\], "
+                                         r"but \['l'\] are list features"):
         _serving(NewTaskModel(listed.backbone, {"t4": listed.backbone.new_task_head("t4", "mptrec_emb")}),
                  list_features)
+
+
+def test_head_reading_ids_offsets_only_the_single_valued_features() -> None:
+    """With a list feature, ``mptrec_emb`` shifts the single-valued blocks of e; export matches eager."""
+    listed, features = _fresh_model(0)
+    base = listed.backbone
+    base.set_single_valued(["a"])
+    torch.manual_seed(1)
+    head = base.new_task_head("t3", "mptrec_emb")
+    assert head.deltas is not None and [tuple(t.shape) for t in head.deltas] == [(7, 4)]  # 'a' only
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    model = NewTaskModel(base, {"t3": head}).eval()
+    dense = torch.rand(5, 1)
+    values = [torch.tensor([0, 1, 2, 3, 6]), torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])]
+    lengths = [torch.ones(5, dtype=torch.long), torch.tensor([1, 0, 3, 2, 2])]
+    kjt = _kjt(values, lengths)
+    with torch.no_grad():
+        want = model(dense, kjt)
+        feats = model.backbone_features(dense, kjt)
+    assert feats["ids"].tolist() == [[0], [1], [2], [3], [6]]
+    shifted = head.shifted_input(feats["e"], feats["ids"])
+    torch.testing.assert_close(shifted[:, 1:5], feats["e"][:, 1:5] + head.deltas[0][feats["ids"][:, 0]])
+    assert torch.equal(shifted[:, :1], feats["e"][:, :1]) and torch.equal(shifted[:, 5:], feats["e"][:, 5:])
+    serving = _serving(model, features)
+    program = export_program(serving, features).module()
+    with torch.inference_mode():
+        got, eager = program(dense, values, lengths), serving(dense, values, lengths)
+    for t in want:
+        assert torch.equal(got[t], eager[t]), t
+        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)

@@ -242,7 +242,7 @@ def test_artifact_hash_ties_the_entry_to_the_head_bytes(tmp_path: Path) -> None:
         check_artifact(run, load_task_store(run)["tasks"]["scenario"])
 
 
-def test_id_reading_method_needs_single_valued_inputs(tmp_path: Path) -> None:
+def test_id_reading_method_needs_a_single_valued_input(tmp_path: Path) -> None:
     run = make_run(tmp_path / "single")
     assert register_task(run, task_toml(tmp_path, method="mptrec_emb"))["method"] == "mptrec_emb"
     listed = make_run(tmp_path / "listed")
@@ -250,6 +250,15 @@ def test_id_reading_method_needs_single_valued_inputs(tmp_path: Path) -> None:
     schema["features"].append({"name": "210", "column": "210", "kind": "sparse", "num_embeddings": 8,
                                "multivalent": True, "pooling": "mean"})
     (tmp_path / "listed" / "data" / "schema.json").write_text(json.dumps(schema))
-    register_task(listed, task_toml(tmp_path, method="mptrec_res"))  # a list input is fine for it
-    with pytest.raises(RunDirError, match=r"method 'mptrec_emb' .* \['210'\] are list features"):
-        register_task(listed, task_toml(tmp_path, name="scenario2", method="mptrec_emb"))
+    register_task(listed, task_toml(tmp_path, method="mptrec_res"))
+    # a list input among single-valued ones: the offsets cover the single-valued ones
+    assert register_task(listed, task_toml(tmp_path, name="scenario2", method="mptrec_emb"))["method"] \
+        == "mptrec_emb"
+    only_lists = make_run(tmp_path / "lists")
+    schema = json.loads((tmp_path / "lists" / "data" / "schema.json").read_text())
+    for f in schema["features"]:
+        if f["kind"] == "sparse":
+            f.update(multivalent=True, pooling="mean")
+    (tmp_path / "lists" / "data" / "schema.json").write_text(json.dumps(schema))
+    with pytest.raises(RunDirError, match=r"method 'mptrec_emb' .* all list features"):
+        register_task(only_lists, task_toml(tmp_path, name="scenario3", method="mptrec_emb"))
