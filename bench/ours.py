@@ -39,7 +39,7 @@ from mptrec.pipeline.build import build_from_config
 from mptrec.pipeline.config import RunConfig
 from mptrec.pipeline.sharding import unwrap_dmp
 from mptrec.pipeline.tasks.tuning_loop import head_optimizer, head_step
-from mptrec.pipeline.tasks.union import shard_with_heads
+from mptrec.pipeline.tasks.union import HeadSpec, shard_with_heads
 from mptrec.pipeline.train.loop import bf16_autocast, make_stepper
 from mptrec.pipeline.train.pretrain import shard_for_training
 
@@ -155,8 +155,9 @@ def build_prompt_tuner(
     seed: int = 0,
 ) -> PromptTuner:
     """Frozen stage-1 backbone + a fresh new-task head, sharded without any table optimizer."""
-    sharded, _ = shard_with_heads(cfg, schema, CPU, {NEW_TASK.name: (method, cfg.model.tower_hidden)},
-                                  seed=seed, batch_size=cfg.data.batch_size, group=group)
+    heads = {NEW_TASK.name: HeadSpec(method, tuple(cfg.model.tower_hidden))}
+    sharded, _ = shard_with_heads(cfg, schema, CPU, heads, seed=seed, batch_size=cfg.data.batch_size,
+                                  group=group)
     inner = unwrap_dmp(sharded.dmp)
     if not isinstance(inner, NewTaskModel):
         raise TypeError(f"expected a NewTaskModel inside DMP, got {type(inner).__name__}")

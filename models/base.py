@@ -328,21 +328,30 @@ class MultiTaskModel(nn.Module, abc.ABC):
         """Set the gradient-reversal strength (no-op for models without a GRL)."""
 
     @abc.abstractmethod
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> NewTaskHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None, *,
+                      offset_max_rows: int = 0) -> NewTaskHead:
         """A trainable head for a new task on top of this (frozen) model's features.
 
-        ``method`` is one of :attr:`new_task_methods`; ``tower_hidden`` None: the base towers' sizes.
+        ``method`` is one of :attr:`new_task_methods`; ``tower_hidden`` None: the base towers' sizes;
+        ``offset_max_rows`` > 0 (an :attr:`id_reading_methods` head only): the head's own offsets
+        cover only the single-valued features whose table has at most that many rows.
         """
 
     def _check_new_task(self, name: str, method: str, tower_hidden: Sequence[int] | None,
-                        base_tower: Sequence[int]) -> tuple[int, ...]:
-        """Check ``name`` and ``method``; return the new tower's sizes (None: ``base_tower``)."""
+                        base_tower: Sequence[int], offset_max_rows: int = 0) -> tuple[int, ...]:
+        """Check ``name``, ``method`` and ``offset_max_rows``; return the new tower's sizes.
+
+        None: ``base_tower``.
+        """
         methods = self.new_task_methods
         if method not in methods:
             raise ValueError(
                 f"new-task method {method!r} does not apply to model {type(self).__name__}; "
                 f"use one of {list(methods)}"
             )
+        if offset_max_rows < 0 or (offset_max_rows and method not in self.id_reading_methods):
+            raise ValueError(f"offset_max_rows = {offset_max_rows}: must be >= 0, and > 0 only for the "
+                             f"methods with per-id offsets {list(self.id_reading_methods)}, not {method!r}")
         if name in self.task_names or name in RESERVED_LOSS_KEYS or not name:
             raise ValueError(f"new task name {name!r} is empty, reserved or already a task of the model "
                              f"({self.task_names})")

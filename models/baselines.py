@@ -114,10 +114,10 @@ class SingleTask(_Baseline):
         """The expert and tower weight matrices."""
         return self.experts.l2_weights() + self.towers.l2_weights()
 
-    def new_task_head(self, name: str, method: str,
-                      tower_hidden: Sequence[int] | None = None) -> SingleTaskHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None, *,
+                      offset_max_rows: int = 0) -> SingleTaskHead:
         """``single_task``: a fresh expert + tower on the frozen input vector e (embeddings frozen)."""
-        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden, offset_max_rows)
         return SingleTaskHead(name, method, input_dim=self.input_dim, expert_hidden=self.cfg.expert_hidden,
                               expert_dropout=self.cfg.expert_dropout, tower_hidden=tower)
 
@@ -179,9 +179,10 @@ class SharedBottom(_Baseline):
         """The bottom and tower weight matrices."""
         return self.bottom.l2_weights() + self.towers.l2_weights()
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> TowerHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None, *,
+                      offset_max_rows: int = 0) -> TowerHead:
         """``shared_bottom*``: a new tower only, on the frozen bottom output."""
-        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden, offset_max_rows)
         return TowerHead(name, method, hidden_dim=self.hidden_dim, tower_hidden=tower)
 
 
@@ -246,9 +247,10 @@ class MMoE(_Baseline):
         """The expert and tower weight matrices (gates excluded)."""
         return self.experts.l2_weights() + self.towers.l2_weights()
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> MMoEHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None, *,
+                      offset_max_rows: int = 0) -> MMoEHead:
         """``mmoe*``: a new gate and a new tower over the frozen experts."""
-        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden, offset_max_rows)
         return MMoEHead(name, method, input_dim=self.input_dim, num_experts=self.num_experts,
                         hidden_dim=self.hidden_dim, tower_hidden=tower)
 

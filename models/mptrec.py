@@ -260,25 +260,40 @@ class MPTRec(MultiTaskModel):
             raise ValueError(f"grl alpha must be >= 0, got {alpha}")
         self.grl_alpha = float(alpha)
 
-    def new_task_head(self, name: str, method: str,
-                      tower_hidden: Sequence[int] | None = None) -> MPTRecNewTaskHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None, *,
+                      offset_max_rows: int = 0) -> MPTRecNewTaskHead:
         """The stage-2 module for task ``name`` (spec 3.3; ``fw``/``tes`` ablations of Eq. 10-11).
 
         Args:
             name: the new task.
             method: one of :attr:`new_task_methods`.
             tower_hidden: new tower sizes (None: the base towers' sizes).
+            offset_max_rows: ``mptrec_emb`` only: > 0 gives offsets only to the single-valued
+                features whose table has at most this many rows (0: every single-valued feature).
 
         Returns:
             A fresh :class:`MPTRecNewTaskHead`.
+
+        Raises:
+            ValueError: a bad method or name, or no single-valued feature within ``offset_max_rows``.
         """
-        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden, offset_max_rows)
+        columns = None
+        if method in DELTA_METHODS:
+            tables = dict(zip(self.sparse_features, self.id_tables()))
+            columns = [self.id_features.index(f) if f in self.id_features
+                       and (offset_max_rows == 0 or tables[f][0] <= offset_max_rows) else -1
+                       for f in self.sparse_features]
+            if all(c < 0 for c in columns):
+                raise ValueError(
+                    f"new task {name!r}: method {method!r} has no table to offset: single-valued "
+                    f"features {self.id_features} (rows {[tables[f][0] for f in self.id_features]}), "
+                    f"offset_max_rows = {offset_max_rows}")
         return MPTRecNewTaskHead(
             name, method, input_dim=self.input_dim, hidden_dim=self.hidden_dim, num_tasks=self.num_tasks,
             tower_hidden=tower, tau=self.cfg.tau,
             id_tables=self.id_tables() if method in DELTA_METHODS else None, dense_dim=self.dense_dim,
-            offset_blocks=[f in self.id_features for f in self.sparse_features] if method in DELTA_METHODS
-            else None,
+            offset_columns=columns,
         )
 
 
@@ -318,8 +333,9 @@ class MPTRecNewTaskHead(NewTaskHead):
             feature's table, in the order of their blocks in ``e``
             (:meth:`MultiTaskModel.id_tables`).
         dense_dim: ``mptrec_emb`` only: D_dense, the dense columns that lead ``e``.
-        offset_blocks: ``mptrec_emb`` only: per entry of ``id_tables``, whether the block gets
-            offsets (a single-valued feature, a column of ``feats["ids"]``); None: every block.
+        offset_columns: ``mptrec_emb`` only: per entry of ``id_tables``, the column of
+            ``feats["ids"]`` that holds the block's ids when the block gets offsets, else -1 (a
+            list feature, or a table left out); None: every block, column i for block i.
 
     Shapes:
         ``forward(feats)`` with ``e`` (B, D_in), ``h_shared`` (B, H), ``h_specific`` (B, K, H),
@@ -348,7 +364,7 @@ class MPTRecNewTaskHead(NewTaskHead):
         tau: float,
         id_tables: Sequence[tuple[int, int]] | None = None,
         dense_dim: int = 0,
-        offset_blocks: Sequence[bool] | None = None,
+        offset_columns: Sequence[int] | None = None,
     ) -> None:
         super().__init__(task_name, method)
         if method not in MPTRec.new_task_methods:
@@ -374,22 +390,24 @@ class MPTRecNewTaskHead(NewTaskHead):
             if widths != input_dim or dense_dim < 0 or any(n < 1 or d < 1 for n, d in id_tables):
                 raise ValueError(f"id_tables {list(id_tables)} and dense_dim {dense_dim} do not make up "
                                  f"D_in = {input_dim}")
-            flags = [True] * len(id_tables) if offset_blocks is None else list(offset_blocks)
-            if len(flags) != len(id_tables) or not any(flags):
-                raise ValueError(f"offset_blocks {offset_blocks} must flag at least one of the "
-                                 f"{len(id_tables)} id_tables")
+            cols = list(range(len(id_tables))) if offset_columns is None else list(offset_columns)
+            used = [c for c in cols if c >= 0]
+            if len(cols) != len(id_tables) or not used or len(set(used)) != len(used):
+                raise ValueError(f"offset_columns {offset_columns} must give each of the {len(id_tables)} "
+                                 f"id_tables a distinct ids column or -1, and at least one column")
             self.needs_ids = True
             self.dense_dim: int = dense_dim
             self.deltas = nn.ParameterList(nn.Parameter(torch.zeros(n, d))
-                                           for (n, d), on in zip(id_tables, flags) if on)
-            # e's column ranges: (start, stop, index into deltas / ids columns, or -1: read as is)
-            segments: list[tuple[int, int, int]] = []
+                                           for (n, d), c in zip(id_tables, cols) if c >= 0)
+            # e's column ranges: (start, stop, index into deltas or -1: read as is, ids column)
+            segments: list[tuple[int, int, int, int]] = []
             start, k = dense_dim, 0
-            for (_, d), on in zip(id_tables, flags):
-                segments.append((start, start + d, k if on else -1))
-                k += on
+            for (_, d), c in zip(id_tables, cols):
+                segments.append((start, start + d, k if c >= 0 else -1, c))
+                k += c >= 0
                 start += d
-            self._segments: list[tuple[int, int, int]] = segments
+            self._segments: list[tuple[int, int, int, int]] = segments
+            self._one_add: bool = cols == list(range(len(id_tables)))
         if method in ("mptrec", "mptrec_res", "mptrec_emb"):  # Eq. 10
             self.projection = nn.Sequential(
                 nn.Linear(input_dim, hidden_dim // 2, bias=False),
@@ -439,19 +457,19 @@ class MPTRecNewTaskHead(NewTaskHead):
 
         Args:
             e: (B, D_in), the frozen input vector.
-            ids: (B, F) int64, each row's id of every single-valued sparse feature (the flagged
-                ``offset_blocks``), in the order of their blocks in ``e``.
+            ids: (B, F) int64, each row's id of every single-valued sparse feature, in the order
+                of their blocks in ``e`` (``offset_columns`` says which column each block reads).
 
         Returns:
             (B, D_in).
         """
         assert self.deltas is not None
-        if all(k >= 0 for _, _, k in self._segments):  # every block shifted: one add
+        if self._one_add:  # every block shifted, ids column i for block i
             delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
             return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)
         parts = [e[:, : self.dense_dim]]
-        for a, b, k in self._segments:
-            parts.append(e[:, a:b] if k < 0 else e[:, a:b] + F.embedding(ids[:, k], self.deltas[k]))
+        for a, b, k, c in self._segments:
+            parts.append(e[:, a:b] if k < 0 else e[:, a:b] + F.embedding(ids[:, c], self.deltas[k]))
         return torch.cat(parts, dim=1)
 
     def l2_parameters(self) -> list[nn.Parameter]:

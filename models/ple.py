@@ -148,9 +148,10 @@ class PLE(MultiTaskModel):
             params += _at(self.shared_experts, level).l2_weights()
         return params
 
-    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None) -> PLEHead:
+    def new_task_head(self, name: str, method: str, tower_hidden: Sequence[int] | None = None, *,
+                      offset_max_rows: int = 0) -> PLEHead:
         """``ple*``: new task-specific experts and gates at every level and a new tower."""
-        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden)
+        tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden, offset_max_rows)
         return PLEHead(name, method, input_dim=self.input_dim, num_levels=self.num_levels,
                        num_specific=self.num_specific, num_shared=self.num_shared,
                        expert_hidden=self.cfg.ple_expert_hidden, expert_dropout=self.cfg.ple_expert_dropout,

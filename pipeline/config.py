@@ -328,6 +328,9 @@ class NewTaskSpec:
         seed: seed of the new parameters and shuffling.
         max_steps: stop after this many steps (0: no limit).
         r_dnn: L2 weight on the new tower's weight matrices (Eq. 15; None: the base run's).
+        offset_max_rows: ``mptrec_emb`` only: > 0 gives the new task offsets of the single-valued
+            features whose table has at most this many rows, and none for bigger tables (their
+            frozen rows are read as they are); 0: every single-valued feature.
         feature_cache_mib: the frozen backbone's features of the train and validation rows are
             computed once and kept in memory (exactly what every epoch would recompute) when they
             fit in this many MiB per process; 0: recompute them every epoch.
@@ -353,6 +356,7 @@ class NewTaskSpec:
     seed: int = 2024
     max_steps: int = 0
     r_dnn: float | None = None
+    offset_max_rows: int = 0
     feature_cache_mib: int = 4096
 
     def __post_init__(self) -> None:
@@ -365,7 +369,7 @@ class NewTaskSpec:
             if legacy:  # the earlier spelling of "inherit"
                 object.__setattr__(self, key, None)
         require_positive(self, "lr", "epochs", *(["batch_size"] if self.batch_size is not None else []))
-        require_non_negative(self, "patience", "max_steps", "feature_cache_mib")
+        require_non_negative(self, "patience", "max_steps", "offset_max_rows", "feature_cache_mib")
 
     def task_spec(self) -> TaskSpec:
         """The task as a :class:`TaskSpec`."""

@@ -205,12 +205,14 @@ def static_figures(run_cfg: RunConfig, features: Sequence[FeatureSpec], task_cfg
     """
     tasks = [*run_cfg.task_names, task_cfg.name]
     base = _model(run_cfg, features, run_cfg.task_names, "meta")
-    head = base.new_task_head(task_cfg.name, task_cfg.method, tuple(tower_hidden))
+    head = base.new_task_head(task_cfg.name, task_cfg.method, tuple(tower_hidden),
+                              offset_max_rows=task_cfg.offset_max_rows)
     trainable = count_parameters(head)[0]
     served = count_parameters(base)[1] + trainable
     full = count_parameters(_model(run_cfg, features, tasks, "meta"))[1]
     small = _model(run_cfg, features, run_cfg.task_names, "cpu")
-    small_head = small.new_task_head(task_cfg.name, task_cfg.method, tuple(tower_hidden))
+    small_head = small.new_task_head(task_cfg.name, task_cfg.method, tuple(tower_hidden),
+                                     offset_max_rows=task_cfg.offset_max_rows)
     dense, kjt = _synthetic_inputs(features, _FLOP_BATCH)
     # what the head reads, from the one place that assembles it (ids included when it reads them)
     feats = NewTaskModel(small, {task_cfg.name: small_head}).backbone_features(dense, kjt)

@@ -52,7 +52,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -65,6 +65,9 @@ from mptrec.pipeline.config import RunConfig, TaskSpec
 from mptrec.pipeline.serve import artifact as art
 from mptrec.pipeline.serve import shard_inputs
 from mptrec.pipeline.serve.serving_module import QUANTIZE, PooledTables, ServingModule
+
+if TYPE_CHECKING:
+    from mptrec.pipeline.tasks.union import HeadSpec
 
 __all__ = [
     "ExportError",
@@ -100,19 +103,21 @@ class ServingBuild:
 
 
 def _task_entries(run: Path, cfg: RunConfig, specs: Sequence[TaskSpec], store: Mapping[str, Any],
-                  heads: Mapping[str, tuple[str, tuple[int, ...]]], sha: str) -> list[dict[str, Any]]:
+                  heads: Mapping[str, HeadSpec], sha: str) -> list[dict[str, Any]]:
     entries = []
     for t in [*cfg.tasks, *specs]:
         reg = store["tasks"].get(t.name, {})
         role = "prompt_tuned" if t.name in heads else "pretrained"
         tuned = role == "prompt_tuned"
         entry: dict[str, Any] = {
-            "name": t.name, "role": role, "method": heads[t.name][0] if tuned else cfg.model.name,
+            "name": t.name, "role": role, "method": heads[t.name].method if tuned else cfg.model.name,
             "label": {"column": t.label, "positive_values": list(t.positive_values)},
             "base_checkpoint_sha256": reg.get("base_checkpoint_sha256", sha) if tuned else sha,
         }
         if role == "prompt_tuned":
-            entry["tower_hidden"] = list(heads[t.name][1])
+            entry["tower_hidden"] = list(heads[t.name].tower_hidden)
+            if heads[t.name].offset_max_rows:
+                entry["offset_max_rows"] = heads[t.name].offset_max_rows
             head_file = run / str(reg.get("artifact", ""))
             entry["head_sha256"] = hashlib.sha256(head_file.read_bytes()).hexdigest()
             entry["metrics"] = reg.get("metrics", {})
@@ -163,10 +168,10 @@ def build_serving_module(run_dir: str | os.PathLike[str], checkpoint: str = "bes
     schema = read_schema(cfg.data.path)
     backbone, features = build_from_config(cfg, schema, ebc_device="cpu")
     new: dict[str, NewTaskHead] = {}
-    for name, (method, tower) in heads.items():
+    for name, spec in heads.items():
         if name not in chosen:
             continue
-        head = backbone.new_task_head(name, method, tuple(tower))
+        head = spec.build(backbone, name)
         head.load_state_dict(states[name], strict=True)
         new[name] = head
     meta = load_backbone(run, ckpt, backbone, model_name=cfg.model.name, features=features)

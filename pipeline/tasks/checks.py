@@ -56,6 +56,17 @@ def _check_features(cfg: NewTaskSpec, run_cfg: RunConfig, schema: Mapping[str, A
                 f"of each single-valued sparse input's id, and the base model has none (sparse "
                 f"inputs: {lists}, all list features; use mptrec_res)"
             )
+        single = {f.name: f.num_embeddings for f in inputs if f.kind == "sparse" and not f.multivalent}
+        if cfg.offset_max_rows and min(single.values()) > cfg.offset_max_rows:
+            raise RunDirError(
+                f"{where}: offset_max_rows = {cfg.offset_max_rows} leaves no table to offset (rows of "
+                f"the single-valued inputs: {single}); raise it, or 0 for all of them"
+            )
+    elif cfg.offset_max_rows:
+        raise RunDirError(
+            f"{where}: offset_max_rows = {cfg.offset_max_rows} applies to the methods with per-id "
+            f"offsets {list(id_reading_methods(run_cfg.model.name))}, not {cfg.method!r}"
+        )
     if cfg.label in used:
         raise RunDirError(
             f"{where}: label column {cfg.label!r} is an input feature of the base model "

@@ -58,7 +58,7 @@ from mptrec.pipeline.strict import to_dict
 from mptrec.pipeline.tasks.checks import check_base_unchanged
 from mptrec.pipeline.tasks.store import load_task_store, prompt_config, record_result
 from mptrec.pipeline.tasks.tuning_loop import Stage2, StageResult, head_optimizer, train_head
-from mptrec.pipeline.tasks.union import backbone_digest, build_run_model
+from mptrec.pipeline.tasks.union import HeadSpec, backbone_digest, build_run_model
 
 __all__ = ["prompt_tune", "run_stage2", "setup_stage2"]
 
@@ -80,7 +80,7 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
     if run_cfg.train.threads > 0:
         torch.set_num_threads(run_cfg.train.threads)
     inherited = cfg.resolve(run_cfg)
-    sharded = build_run_model(run, ckpt, device, {cfg.name: (cfg.method, inherited.tower_hidden)},
+    sharded = build_run_model(run, ckpt, device, {cfg.name: HeadSpec.of(cfg, inherited.tower_hidden)},
                             seed=cfg.seed, batch_size=inherited.batch_size, group=group)
     head = sharded.heads[cfg.name]
     optimizer = head_optimizer(head, cfg.lr, inherited.r_dnn)  # fused: one kernel per step
@@ -151,9 +151,13 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
     if not before or not any("embedding" in k for k in before):
         raise RuntimeError(f"the backbone digest covers no embedding table ({sorted(before)[:5]}); "
                            "the freeze could not be proved")
-    trainable, total = count_parameters(s.sharded.model)
+    # what the optimizer updates: the head. (Replicated data_parallel tables are views of their
+    # fused weights that keep requires_grad after sharding; the backbone runs under no_grad and
+    # its digest, checked after training, proves it unchanged.)
+    trainable = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
+    total = count_parameters(s.sharded.model)[1]
     if progress:
-        log.info("prompt-tune %s: method %s, trainable %s of %s local parameters, %d process(es)",
+        log.info("prompt-tune %s: method %s, trains %s of %s local parameters (the head's), %d process(es)",
                  s.cfg.name, s.cfg.method, f"{trainable:,}", f"{total:,}", s.world_size)
     logger = MetricsLogger(task_dir(s.run_dir, s.cfg.name), enabled=s.rank == 0, tensorboard=False)
     try:

@@ -25,7 +25,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from mptrec.pipeline.sharding import ShardedModel
 
 __all__ = [
+    "HeadSpec",
     "ShardedRunModel",
     "backbone_digest",
     "build_run_model",
@@ -52,6 +53,28 @@ __all__ = [
     "shard_with_heads",
     "table_weights",
 ]
+
+
+class HeadSpec(NamedTuple):
+    """How a new task's head is built: its task config's keys of the same names.
+
+    :meth:`build` calls ``backbone.new_task_head(name, method, tower_hidden,
+    offset_max_rows=offset_max_rows)``.
+    """
+
+    method: str
+    tower_hidden: tuple[int, ...]
+    offset_max_rows: int = 0
+
+    @classmethod
+    def of(cls, cfg: NewTaskSpec, tower_hidden: Sequence[int]) -> HeadSpec:
+        """The head of task config ``cfg`` with the resolved tower sizes."""
+        return cls(cfg.method, tuple(tower_hidden), cfg.offset_max_rows)
+
+    def build(self, backbone: MultiTaskModel, name: str) -> NewTaskHead:
+        """A fresh head of task ``name`` on ``backbone``."""
+        return backbone.new_task_head(name, self.method, self.tower_hidden,
+                                      offset_max_rows=self.offset_max_rows)
 
 
 @dataclass
@@ -151,7 +174,7 @@ def _bytes(t: torch.Tensor) -> bytes:
 
 def shard_with_heads(
     run_cfg: RunConfig, schema: Mapping[str, Any], device: torch.device,
-    heads: Mapping[str, tuple[str, Sequence[int]]], *,
+    heads: Mapping[str, HeadSpec], *,
     head_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None, seed: int = 0, batch_size: int = 512,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[ShardedModel, list[FeatureSpec]]:
@@ -165,7 +188,7 @@ def shard_with_heads(
         run_cfg: the stage-1 run config.
         schema: the shards' schema.
         device: compute device.
-        heads: new task name -> (method, tower_hidden) for ``backbone.new_task_head``; with none,
+        heads: new task name -> its :class:`HeadSpec`; with none,
             the backbone alone is sharded.
         head_states: new task name -> trained weights to load (strict); heads not listed keep
             their fresh initialisation (drawn under ``torch.manual_seed(seed)``, the same on
@@ -183,8 +206,8 @@ def shard_with_heads(
     backbone, features = build_from_config(run_cfg, schema)
     new: dict[str, NewTaskHead] = {}
     torch.manual_seed(seed)
-    for name, (method, tower_hidden) in heads.items():
-        head = backbone.new_task_head(name, method, tuple(tower_hidden))
+    for name, spec in heads.items():
+        head = spec.build(backbone, name)
         if head_states is not None and name in head_states:
             head.load_state_dict(dict(head_states[name]), strict=True)
         new[name] = head
@@ -197,7 +220,7 @@ def build_run_model(
     run_dir: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str],
     device: torch.device,
-    heads: Mapping[str, tuple[str, Sequence[int]]],
+    heads: Mapping[str, HeadSpec],
     *,
     head_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     seed: int = 0,
@@ -249,7 +272,7 @@ def build_run_model(
                        plan_text=sharded.plan_text)
 
 
-def served_heads(run_dir: Path, ckpt: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
+def served_heads(run_dir: Path, ckpt: Path) -> tuple[dict[str, HeadSpec],
                                                        dict[str, dict[str, torch.Tensor]], list[TaskSpec]]:
     """The task store's trained heads (config, weights, task specs), checked against ``ckpt``."""
     path = run_dir / TASK_STORE_FILE
@@ -257,7 +280,7 @@ def served_heads(run_dir: Path, ckpt: Path) -> tuple[dict[str, tuple[str, tuple[
         return {}, {}, []
     entries = trained_prompt_tasks(load_task_store(run_dir))
     sha = hash_checkpoint(ckpt) if entries else ""
-    heads: dict[str, tuple[str, tuple[int, ...]]] = {}
+    heads: dict[str, HeadSpec] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     specs: list[TaskSpec] = []
     for e in entries:
@@ -270,7 +293,7 @@ def served_heads(run_dir: Path, ckpt: Path) -> tuple[dict[str, tuple[str, tuple[
         cfg = load_task_spec(run_dir, e)
         meta_path = run_dir / e["artifact"]
         tower = _trained_tower(meta_path.with_name("meta.json"), cfg, run_dir)
-        heads[cfg.name] = (cfg.method, tower)
+        heads[cfg.name] = HeadSpec.of(cfg, tower)
         states[cfg.name] = load_head_state(meta_path)
         specs.append(cfg.task_spec())
     return heads, states, specs

@@ -368,7 +368,7 @@ def test_mptrec_emb_offsets_only_the_flagged_blocks() -> None:
     tables = [(5, 4), (7, 4), (3, 4)]
     torch.manual_seed(0)
     head = MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=tables, dense_dim=2,  # type: ignore[arg-type]
-                             offset_blocks=[True, False, True])
+                             offset_columns=[0, -1, 1])
     assert head.deltas is not None and [tuple(t.shape) for t in head.deltas] == [(5, 4), (3, 4)]
     with torch.no_grad():
         for t in head.deltas:
@@ -388,6 +388,42 @@ def test_mptrec_emb_offsets_only_the_flagged_blocks() -> None:
     want = torch.cat([e[:2, :2]] + [e[:2, a:a + 4] + every.deltas[k][ids3[:, k]]
                                     for k, a in enumerate((2, 6, 10))], dim=1)
     torch.testing.assert_close(every.shifted_input(e[:2], ids3), want)
-    with pytest.raises(ValueError, match="must flag at least one of the 3 id_tables"):
-        MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=tables, dense_dim=2,  # type: ignore[arg-type]
-                          offset_blocks=[False, False, False])
+    for bad in ([-1, -1, -1], [0, 0, -1], [0, 1]):
+        with pytest.raises(ValueError, match="must give each of the 3 id_tables a distinct ids column"):
+            MPTRecNewTaskHead("t3", "mptrec_emb", **kw, id_tables=tables, dense_dim=2,  # type: ignore[arg-type]
+                              offset_columns=bad)
+
+
+def test_offset_max_rows_keeps_the_offsets_to_small_single_valued_tables() -> None:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    from mptrec.models.config import ModelConfig
+
+    rows = {"a": 10, "b": 500, "c": 40, "l": 20}
+    ebc = EmbeddingBagCollection(tables=[
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=4, num_embeddings=n, feature_names=[f])
+        for f, n in rows.items()])
+    model = MPTRec(ModelConfig(expert_hidden=(8, 4), tower_hidden=(4,)), ebc, sparse_features=list(rows),
+                   dense_dim=1, task_names=["ctr", "cvr"])
+    model.set_single_valued(["a", "b", "c"])  # 'l' is a list feature
+    every = model.new_task_head("t3", "mptrec_emb")
+    assert every.deltas is not None and [t.shape[0] for t in every.deltas] == [10, 500, 40]
+    capped = model.new_task_head("t3", "mptrec_emb", offset_max_rows=100)
+    assert capped.deltas is not None and [t.shape[0] for t in capped.deltas] == [10, 40]  # 'b' is too big
+    e = torch.rand(3, model.input_dim)
+    ids = torch.tensor([[1, 400, 7], [2, 401, 8], [3, 402, 9]])  # columns: a, b, c (id_features)
+    with torch.no_grad():
+        for t in capped.deltas:
+            t.fill_(1.0)
+    shifted = capped.shifted_input(e, ids)
+    # e = [dense | a | b | c | l]: a and c move by 1, the dense column, b and l do not
+    moved = [0.0] + [1.0] * 4 + [0.0] * 4 + [1.0] * 4 + [0.0] * 4
+    torch.testing.assert_close(shifted - e, torch.tensor([moved] * 3))
+    with pytest.raises(ValueError, match=r"no table to offset: single-valued features \['a', 'b', 'c'\] "
+                                         r"\(rows \[10, 500, 40\]\), offset_max_rows = 5"):
+        model.new_task_head("t3", "mptrec_emb", offset_max_rows=5)
+    with pytest.raises(ValueError, match=r"offset_max_rows = 100: .* not 'mptrec_res'"):
+        model.new_task_head("t3", "mptrec_res", offset_max_rows=100)
+    mmoe = tiny_model("mmoe")
+    with pytest.raises(ValueError, match=r"offset_max_rows = 3: .* \[\], not 'mmoe\*'"):
+        mmoe.new_task_head("t3", "mmoe*", offset_max_rows=3)

@@ -262,3 +262,19 @@ def test_id_reading_method_needs_a_single_valued_input(tmp_path: Path) -> None:
     (tmp_path / "lists" / "data" / "schema.json").write_text(json.dumps(schema))
     with pytest.raises(RunDirError, match=r"method 'mptrec_emb' .* all list features"):
         register_task(only_lists, task_toml(tmp_path, name="scenario3", method="mptrec_emb"))
+
+
+def test_offset_max_rows_is_checked_at_registration_and_kept(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "r")  # single-valued inputs 205 (20 rows) and 206 (10 rows)
+    with pytest.raises(RunDirError, match=r"offset_max_rows = 15 applies to the methods with per-id "
+                                          r"offsets \['mptrec_emb'\], not 'mptrec_res'"):
+        register_task(run, task_toml(tmp_path, method="mptrec_res", offset_max_rows=15))
+    with pytest.raises(RunDirError, match=r"offset_max_rows = 5 leaves no table to offset \(rows of the "
+                                          r"single-valued inputs: \{'205': 20, '206': 10\}\)"):
+        register_task(run, task_toml(tmp_path, method="mptrec_emb", offset_max_rows=5))
+    with pytest.raises(ValueError, match="offset_max_rows must be >= 0, got -1"):
+        register_task(run, task_toml(tmp_path, method="mptrec_emb", offset_max_rows=-1))
+    register_task(run, task_toml(tmp_path, method="mptrec_emb", offset_max_rows=15))
+    cfg, _ = prompt_config(run, "scenario")
+    assert (cfg.method, cfg.offset_max_rows) == ("mptrec_emb", 15)
+    assert load_task_store(run)["tasks"]["scenario"]["status"] == "registered"
