@@ -108,7 +108,8 @@ def test_shipped_task_configs_load() -> None:
 def test_shipped_scenario_config_registers_on_aliccp_like_run(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     entry = register_task(run, REPO / "configs" / "tasks" / "aliccp_scenario.toml")
-    assert entry["name"] == "scenario" and entry["method"] == "mptrec_res"
+    assert entry["name"] == "scenario" and entry["method"] == "mptrec_emb"
+    assert prompt_config(run, "scenario")[0].offset_max_rows == 10_000
     entry = register_task(run, REPO / "configs" / "tasks" / "aliccp_scenario_fw.toml")
     assert entry["method"] == "fw"
 
