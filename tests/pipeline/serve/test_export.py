@@ -550,6 +550,18 @@ def test_export_of_a_task_subset(served: dict[str, Path], capsys: pytest.Capture
     assert all(np.array_equal(got[k], full[k]) for k in got)
 
 
+def _program_matches(serving: ServingModule, features: list[FeatureSpec],
+                     inputs: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]],
+                     want: dict[str, torch.Tensor]) -> None:
+    """The exported program equals the eager serving module bit for bit, and ``want`` to 1e-6."""
+    program = export_program(serving, features).module()
+    with torch.inference_mode():
+        got, eager = program(*inputs), serving(*inputs)
+    for t in want:
+        assert torch.equal(got[t], eager[t]), t
+        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
+
+
 def test_head_reading_ids_exports_and_refuses_list_features() -> None:
     """``mptrec_emb`` reads each row's ids: the program matches NewTaskModel; list features are refused."""
     torch.manual_seed(0)
@@ -576,12 +588,7 @@ def test_head_reading_ids_exports_and_refuses_list_features() -> None:
         plain.load_state_dict(head.state_dict(), strict=False)
         feats = base.features(dense, kjt)
     assert not torch.allclose(want["t3"], plain(feats))  # the offsets change the new task's logits
-    program = export_program(serving, features).module()
-    with torch.inference_mode():
-        got, eager = program(dense, values, lengths), serving(dense, values, lengths)
-    for t in want:
-        assert torch.equal(got[t], eager[t]), t
-        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
+    _program_matches(serving, features, (dense, values, lengths), want)
     listed, list_features = _fresh_model(0)  # its backbone was not told that 'l' is a list feature
     with pytest.raises(ValueError, match=r"read each row's id .*single-valued features \['a', 'l'\], "
                                          r"but \['l'\] are list features"):
@@ -613,9 +620,4 @@ def test_head_reading_ids_offsets_only_the_single_valued_features() -> None:
     torch.testing.assert_close(shifted[:, 1:5], feats["e"][:, 1:5] + head.deltas[0][feats["ids"][:, 0]])
     assert torch.equal(shifted[:, :1], feats["e"][:, :1]) and torch.equal(shifted[:, 5:], feats["e"][:, 5:])
     serving = _serving(model, features)
-    program = export_program(serving, features).module()
-    with torch.inference_mode():
-        got, eager = program(dense, values, lengths), serving(dense, values, lengths)
-    for t in want:
-        assert torch.equal(got[t], eager[t]), t
-        torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
+    _program_matches(serving, features, (dense, values, lengths), want)
