@@ -55,6 +55,11 @@ class FeatureSpec:
                 f"embedding_dim > 0, got {self.num_embeddings} and {self.embedding_dim}"
             )
 
+    @property
+    def single_valued(self) -> bool:
+        """A sparse feature with exactly one id per row (not a list)."""
+        return self.kind == "sparse" and not self.multivalent
+
 
 @dataclass(frozen=True)
 class LabelSpec:

@@ -278,21 +278,21 @@ class MPTRec(MultiTaskModel):
             ValueError: a bad method or name, or no single-valued feature within ``offset_max_rows``.
         """
         tower = self._check_new_task(name, method, tower_hidden, self.cfg.tower_hidden, offset_max_rows)
-        columns = None
+        id_tables = columns = None
         if method in DELTA_METHODS:
-            tables = dict(zip(self.sparse_features, self.id_tables()))
+            id_tables = self.id_tables()
+            rows = {f: n for f, (n, _) in zip(self.sparse_features, id_tables)}
             columns = [self.id_features.index(f) if f in self.id_features
-                       and (offset_max_rows == 0 or tables[f][0] <= offset_max_rows) else -1
+                       and (offset_max_rows == 0 or rows[f] <= offset_max_rows) else -1
                        for f in self.sparse_features]
             if all(c < 0 for c in columns):
                 raise ValueError(
                     f"new task {name!r}: method {method!r} has no table to offset: single-valued "
-                    f"features {self.id_features} (rows {[tables[f][0] for f in self.id_features]}), "
+                    f"features {self.id_features} (rows {[rows[f] for f in self.id_features]}), "
                     f"offset_max_rows = {offset_max_rows}")
         return MPTRecNewTaskHead(
             name, method, input_dim=self.input_dim, hidden_dim=self.hidden_dim, num_tasks=self.num_tasks,
-            tower_hidden=tower, tau=self.cfg.tau,
-            id_tables=self.id_tables() if method in DELTA_METHODS else None, dense_dim=self.dense_dim,
+            tower_hidden=tower, tau=self.cfg.tau, id_tables=id_tables, dense_dim=self.dense_dim,
             offset_columns=columns,
         )
 

@@ -193,5 +193,5 @@ def build_from_config(cfg: RunConfig, schema: Mapping[str, Any],
     model = build_model(cfg.model, ebc, sparse_features=sparse, dense_dim=dense_dim,
                         task_names=cfg.task_names,
                         task_weights={t.name: t.weight for t in cfg.tasks},
-                        single_valued=[f.name for f in features if f.kind == "sparse" and not f.multivalent])
+                        single_valued=[f.name for f in features if f.single_valued])
     return model, features

@@ -169,7 +169,7 @@ def _model(run_cfg: RunConfig, features: Sequence[FeatureSpec], tasks: Sequence[
     return build_model(run_cfg.model, build_ebc(features, device),
                        sparse_features=[f.name for f in features if f.kind == "sparse"],
                        dense_dim=sum(f.kind == "dense" for f in features), task_names=list(tasks),
-                       single_valued=[f.name for f in features if f.kind == "sparse" and not f.multivalent])
+                       single_valued=[f.name for f in features if f.single_valued])
 
 
 def feature_bytes_per_row(run_cfg: RunConfig, features: Sequence[FeatureSpec]) -> int:

@@ -49,14 +49,14 @@ def _check_features(cfg: NewTaskSpec, run_cfg: RunConfig, schema: Mapping[str, A
             f"{run_cfg.name!r}; prompt tuning cannot remove an input, pre-train without them"
         )
     if cfg.method in id_reading_methods(run_cfg.model.name):
-        if not any(f.kind == "sparse" and not f.multivalent for f in inputs):
+        single = {f.name: f.num_embeddings for f in inputs if f.single_valued}
+        if not single:
             lists = [f.name for f in inputs if f.kind == "sparse"]
             raise RunDirError(
                 f"{where}: method {cfg.method!r} gives the new task its own offsets of the embedding "
                 f"of each single-valued sparse input's id, and the base model has none (sparse "
                 f"inputs: {lists}, all list features; use mptrec_res)"
             )
-        single = {f.name: f.num_embeddings for f in inputs if f.kind == "sparse" and not f.multivalent}
         if cfg.offset_max_rows and min(single.values()) > cfg.offset_max_rows:
             raise RunDirError(
                 f"{where}: offset_max_rows = {cfg.offset_max_rows} leaves no table to offset (rows of "

@@ -94,12 +94,17 @@ def setup_stage2(run_dir: str | os.PathLike[str], task: str, device: torch.devic
 # --------------------------------------------------------------------------------------------
 
 
+def _optimized_params(s: Stage2) -> int:
+    """Parameters the stage-2 optimizer updates (the head's)."""
+    return sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
+
+
 def _efficiency(s: Stage2, res: StageResult) -> dict[str, Any]:
     from mptrec.pipeline.eval.efficiency import static_figures
 
     figures = static_figures(s.sharded.run_cfg, s.sharded.features, s.cfg, s.tower_hidden)
     trainable, _ = count_parameters(s.head)
-    opt_params = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
+    opt_params = _optimized_params(s)
     if trainable != figures["trainable_params"] or opt_params != trainable:
         raise RuntimeError(f"parameter accounting mismatch: head {trainable}, optimizer {opt_params}, "
                            f"unsharded head {figures['trainable_params']}")
@@ -154,7 +159,7 @@ def run_stage2(s: Stage2, *, progress: bool = True) -> dict[str, Any]:
     # what the optimizer updates: the head. (Replicated data_parallel tables are views of their
     # fused weights that keep requires_grad after sharding; the backbone runs under no_grad and
     # its digest, checked after training, proves it unchanged.)
-    trainable = sum(p.numel() for g in s.optimizer.param_groups for p in g["params"])
+    trainable = _optimized_params(s)
     total = count_parameters(s.sharded.model)[1]
     if progress:
         log.info("prompt-tune %s: method %s, trains %s of %s local parameters (the head's), %d process(es)",

@@ -215,8 +215,7 @@ def _cache_fits(s: Stage2, train: ShardDataset, valid: ShardDataset | None) -> b
     rows = (train.num_rows + (valid.num_rows if valid is not None else 0)) / s.world_size
     per_row = feature_bytes_per_row(s.sharded.run_cfg, s.sharded.features) + 4  # + the float label
     if getattr(s.head, "needs_ids", False):
-        per_row += 8 * sum(f.kind == "sparse" and not f.multivalent  # + the (F,) int64 ids it reads
-                           for f in s.sharded.features)
+        per_row += 8 * sum(f.single_valued for f in s.sharded.features)  # + the (F,) int64 ids it reads
     return rows * per_row <= s.cfg.feature_cache_mib * 2 ** 20
 
 
