@@ -30,8 +30,12 @@ torch.fx.wrap("grad_reverse")
 
 #: rank of the residual path e -> (D_in x r) -> (r x H) -> tower input of the ``*_res`` heads
 RESIDUAL_RANKS = {"mptrec_res": 8, "mptrec_emb": 1}
+#: width of the one-hidden-layer residual path e -> (D_in x m) + b -> ReLU -> (m x H) of ``mptrec_mlp``
+MLP_RESIDUAL_HIDDEN = {"mptrec_mlp": 32}
+#: hidden width of the Eq. 10 projection as a fraction of H (the paper's: 1/2)
+PROJECTION_DIVISOR = {"mptrec_mlp": 8}
 #: heads with their own zero-initialised per-id offsets of the frozen tables (``e' = e + delta``)
-DELTA_METHODS = ("mptrec_emb",)
+DELTA_METHODS = ("mptrec_emb", "mptrec_mlp")
 _VARIANTS = ("full", "share", "specific", "no_gan")
 
 
@@ -75,7 +79,7 @@ class MPTRec(MultiTaskModel):
         torch.Size([3])
     """
 
-    new_task_methods = ("mptrec", "mptrec_res", "mptrec_emb", "fw", "tes")
+    new_task_methods = ("mptrec", "mptrec_res", "mptrec_emb", "mptrec_mlp", "fw", "tes")
     id_reading_methods = DELTA_METHODS
 
     def __init__(
@@ -268,8 +272,9 @@ class MPTRec(MultiTaskModel):
             name: the new task.
             method: one of :attr:`new_task_methods`.
             tower_hidden: new tower sizes (None: the base towers' sizes).
-            offset_max_rows: ``mptrec_emb`` only: > 0 gives offsets only to the single-valued
-                features whose table has at most this many rows (0: every single-valued feature).
+            offset_max_rows: ``mptrec_emb`` / ``mptrec_mlp`` only: > 0 gives offsets only to the
+                single-valued features whose table has at most this many rows (0: every
+                single-valued feature).
 
         Returns:
             A fresh :class:`MPTRecNewTaskHead`.
@@ -323,19 +328,26 @@ class MPTRecNewTaskHead(NewTaskHead):
     ``offset_max_rows`` keeps the offsets to the tables of at most that many rows (the Ali-CCP
     task config: 10,000, 60,237 parameters instead of 4.19M).
 
+    ``mptrec_mlp`` (beyond the paper): ``mptrec_emb`` with a nonlinear residual path instead of
+    the rank-1 one, ``f += B ReLU(A e' + b)`` with ``A`` (m x D_in), ``B`` (H x m) zero-initialised,
+    m = ``MLP_RESIDUAL_HIDDEN[method]`` = 32, and a narrower Eq. 10 projection (hidden width
+    H / 8 instead of H / 2; it only chooses the K transfer weights). The rank-1 path lets the new
+    task read one linear function of its offset inputs; this one reads 32 nonlinear ones, for
+    fewer parameters in all (Census: 24,963 = 8.5%, with the same offsets).
+
     Args:
         task_name: the new task.
-        method: ``mptrec``, ``fw`` or ``tes``.
+        method: one of :attr:`MPTRec.new_task_methods`.
         input_dim: D_in.
         hidden_dim: H.
         num_tasks: K, the existing tasks.
         tower_hidden: hidden sizes of the new tower.
         tau: softmax temperature (Eq. 11).
-        id_tables: ``mptrec_emb`` only: ``(num_embeddings, embedding_dim)`` of each sparse
+        id_tables: ``mptrec_emb`` / ``mptrec_mlp`` only: ``(num_embeddings, embedding_dim)`` of each sparse
             feature's table, in the order of their blocks in ``e``
             (:meth:`MultiTaskModel.id_tables`).
-        dense_dim: ``mptrec_emb`` only: D_dense, the dense columns that lead ``e``.
-        offset_columns: ``mptrec_emb`` only: per entry of ``id_tables``, the column of
+        dense_dim: ``mptrec_emb`` / ``mptrec_mlp`` only: D_dense, the dense columns that lead ``e``.
+        offset_columns: ``mptrec_emb`` / ``mptrec_mlp`` only: per entry of ``id_tables``, the column of
             ``feats["ids"]`` that holds the block's ids when the block gets offsets, else -1 (a
             list feature, or a table left out); None: every block, column i for block i.
 
@@ -384,6 +396,11 @@ class MPTRecNewTaskHead(NewTaskHead):
             up = nn.Linear(rank, hidden_dim, bias=False)
             nn.init.zeros_(up.weight)  # starts as the base method
             self.residual = nn.Sequential(nn.Linear(input_dim, rank, bias=False), up)
+        elif method in MLP_RESIDUAL_HIDDEN:
+            width = MLP_RESIDUAL_HIDDEN[method]
+            up = nn.Linear(width, hidden_dim, bias=False)
+            nn.init.zeros_(up.weight)  # starts as the base method
+            self.residual = nn.Sequential(nn.Linear(input_dim, width), nn.ReLU(), up)
         self.deltas: nn.ParameterList | None = None
         if method in DELTA_METHODS:
             if id_tables is None:
@@ -410,11 +427,12 @@ class MPTRecNewTaskHead(NewTaskHead):
                 start += d
             self._segments: list[tuple[int, int, int, int]] = segments
             self._one_add: bool = cols == list(range(len(id_tables)))
-        if method in ("mptrec", "mptrec_res", "mptrec_emb"):  # Eq. 10
+        if method in ("mptrec", "mptrec_res", "mptrec_emb", "mptrec_mlp"):  # Eq. 10
+            mid = max(hidden_dim // PROJECTION_DIVISOR.get(method, 2), 1)
             self.projection = nn.Sequential(
-                nn.Linear(input_dim, hidden_dim // 2, bias=False),
+                nn.Linear(input_dim, mid, bias=False),
                 nn.ReLU(),
-                nn.Linear(hidden_dim // 2, hidden_dim, bias=False),
+                nn.Linear(mid, hidden_dim, bias=False),
                 nn.LayerNorm(hidden_dim),
             )
         self.gate = nn.Linear(input_dim, 2, bias=False)  # Eq. 14

@@ -7,9 +7,9 @@ class (with ``id_reading_methods``, those whose heads read each row's ids);
 
 Example:
     >>> new_task_methods("mptrec")
-    ('mptrec', 'mptrec_res', 'mptrec_emb', 'fw', 'tes')
+    ('mptrec', 'mptrec_res', 'mptrec_emb', 'mptrec_mlp', 'fw', 'tes')
     >>> id_reading_methods("mptrec"), id_reading_methods("mmoe")
-    (('mptrec_emb',), ())
+    (('mptrec_emb', 'mptrec_mlp'), ())
     >>> "ple*" in all_new_task_methods(), new_task_methods("nope")
     (True, ())
 """

@@ -314,6 +314,8 @@ class NewTaskSpec:
             linear residual path from ``e`` into the new tower's input, beyond the paper),
             ``mptrec_emb`` (``mptrec`` on the new task's own offsets of the single-valued sparse
             inputs' frozen embeddings, plus a rank-1 residual path, beyond the paper),
+            ``mptrec_mlp`` (``mptrec_emb`` with a one-hidden-layer residual path of width 32 and
+            an Eq. 10 projection of width H / 8, beyond the paper),
             ``fw`` / ``tes`` (transfer-weight ablations), or the baselines' fine-tuning
             forms ``shared_bottom*``, ``mmoe*``, ``ple*``: one of the ``new_task_methods`` a
             model class of ``mptrec.models.MODELS`` declares (and registration checks it is one
@@ -328,9 +330,10 @@ class NewTaskSpec:
         seed: seed of the new parameters and shuffling.
         max_steps: stop after this many steps (0: no limit).
         r_dnn: L2 weight on the new tower's weight matrices (Eq. 15; None: the base run's).
-        offset_max_rows: ``mptrec_emb`` only: > 0 gives the new task offsets of the single-valued
-            features whose table has at most this many rows, and none for bigger tables (their
-            frozen rows are read as they are); 0: every single-valued feature.
+        offset_max_rows: ``mptrec_emb`` / ``mptrec_mlp`` only: > 0 gives the new task offsets of
+            the single-valued features whose table has at most this many rows, and none for
+            bigger tables (their frozen rows are read as they are); 0: every single-valued
+            feature.
         feature_cache_mib: the frozen backbone's features of the train and validation rows are
             computed once and kept in memory (exactly what every epoch would recompute) when they
             fit in this many MiB per process; 0: recompute them every epoch.

@@ -296,6 +296,41 @@ def test_mptrec_emb_head_starts_as_mptrec_moves_its_own_rows_and_stays_under_ten
     assert unused and not emb.deltas[0].grad[unused].any()
 
 
+def test_mptrec_mlp_head_starts_without_its_residual_path_and_stays_under_ten_percent() -> None:
+    from mptrec.models.mptrec import MPTRecNewTaskHead
+
+    vocab = [9, 17, 3, 24, 16, 47, 10, 6, 2, 3, 3, 38, 8, 6, 6, 51, 38, 8, 10, 9, 10, 3, 4, 5, 42, 42, 43, 8]
+    kw = {"input_dim": 123, "hidden_dim": 128, "num_tasks": 2, "tower_hidden": (64, 32), "tau": 150.0}
+    torch.manual_seed(0)
+    mlp = MPTRecNewTaskHead("t3", "mptrec_mlp", **kw, id_tables=[(v, 4) for v in vocab], dense_dim=11)  # type: ignore[arg-type]
+    n = sum(p.numel() for p in mlp.parameters())
+    # the paper's head with an H/8 projection (123x16 + 16x128 instead of 123x64 + 64x128), the
+    # offsets of every table, and the residual MLP 123 -> 32 (+ bias) -> 128
+    assert n == 27_063 - (123 * 64 + 64 * 128) + (123 * 16 + 16 * 128) + 4 * 471 + (123 * 32 + 32 + 32 * 128)
+    assert n == 24_963 and n / 293_060 < 0.10
+    assert mlp.projection is not None and mlp.projection[0].weight.shape == (16, 123)
+    assert mlp.needs_ids and mlp.residual is not None
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randint(0, v, (6,), generator=g) for v in vocab], dim=1)
+    feats = {"e": torch.rand(6, 123), "h_shared": torch.rand(6, 128), "h_specific": torch.rand(6, 2, 128),
+             "prompts": torch.randn(2, 128), "ids": ids}
+    with_path = mlp(feats)
+    residual, mlp.residual = mlp.residual, None
+    torch.testing.assert_close(with_path, mlp(feats))  # B = 0 at initialisation: the path adds nothing
+    mlp.residual = residual
+    with torch.no_grad():
+        residual[2].weight.normal_()
+    assert not torch.allclose(mlp(feats), with_path)  # live once B moves
+    e = feats["e"]
+    assert not torch.allclose(residual(2 * e), 2 * residual(e))  # and not linear (ReLU, bias)
+    # the offsets reach the logit through the residual path too
+    mlp.zero_grad()
+    mlp(feats).sum().backward()
+    assert mlp.deltas is not None and mlp.deltas[5].grad is not None
+    assert mlp.deltas[5].grad[ids[:, 5]].abs().sum() > 0
+    assert float(mlp.l2_penalty()) == pytest.approx(float(mlp.tower.weight_l2()))  # zero offsets
+
+
 def test_mptrec_emb_needs_tables_that_make_up_the_input() -> None:
     from mptrec.models.mptrec import MPTRecNewTaskHead
 

@@ -70,7 +70,7 @@ def test_new_task_methods_come_from_the_model_classes() -> None:
     from mptrec.models.registry import all_new_task_methods, new_task_methods
 
     assert new_task_methods("mptrec") == MPTRec.new_task_methods == (
-        "mptrec", "mptrec_res", "mptrec_emb", "fw", "tes")
+        "mptrec", "mptrec_res", "mptrec_emb", "mptrec_mlp", "fw", "tes")
     assert {m: new_task_methods(m) for m in ("single_task", "shared_bottom", "mmoe", "ple")} == {
         "single_task": ("single_task",), "shared_bottom": ("shared_bottom*",), "mmoe": ("mmoe*",),
         "ple": ("ple*",)}

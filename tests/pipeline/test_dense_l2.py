@@ -74,7 +74,7 @@ def test_without_decay_the_l2_weights_train_differently() -> None:
     assert diff > 1e-4
 
 
-@pytest.mark.parametrize("method", ["mptrec", "mptrec_emb", "fw"])
+@pytest.mark.parametrize("method", ["mptrec", "mptrec_emb", "mptrec_mlp", "fw"])
 def test_head_step_equals_the_l2_penalty_in_the_loss(method: str) -> None:
     backbone = _model("mptrec")
     backbone.eval()

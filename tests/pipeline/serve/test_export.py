@@ -8,6 +8,7 @@ re-export, and ``mptrec eval --dump-predictions`` after each stage as the refere
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -562,8 +563,9 @@ def _program_matches(serving: ServingModule, features: list[FeatureSpec],
         torch.testing.assert_close(got[t], want[t], rtol=0, atol=1e-6)
 
 
-def test_head_reading_ids_exports_and_refuses_list_features() -> None:
-    """``mptrec_emb`` reads each row's ids: the program matches NewTaskModel; list features are refused."""
+@pytest.mark.parametrize("method", ["mptrec_emb", "mptrec_mlp"])
+def test_head_reading_ids_exports_and_refuses_list_features(method: str) -> None:
+    """A head reading each row's ids: the program matches NewTaskModel; list features are refused."""
     torch.manual_seed(0)
     features = [FeatureSpec("d0", kind="dense"), FeatureSpec("a", num_embeddings=7, embedding_dim=4),
                 FeatureSpec("b", num_embeddings=5, embedding_dim=4)]
@@ -572,7 +574,7 @@ def test_head_reading_ids_exports_and_refuses_list_features() -> None:
         for f, n in (("a", 7), ("b", 5))])
     base = build_model(ModelConfig(expert_hidden=(16, 8), tower_hidden=(4,)), ebc,
                        sparse_features=["a", "b"], dense_dim=1, task_names=["ctr", "cvr"])
-    head = base.new_task_head("t3", "mptrec_emb")
+    head = base.new_task_head("t3", method)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_()  # offsets and residual away from their zero start
@@ -584,15 +586,17 @@ def test_head_reading_ids_exports_and_refuses_list_features() -> None:
     kjt = KeyedJaggedTensor.from_lengths_sync(["a", "b"], torch.cat(values), torch.cat(lengths))
     with torch.no_grad():
         want = model(dense, kjt)
-        plain = base.new_task_head("t3", "mptrec")
-        plain.load_state_dict(head.state_dict(), strict=False)
-        feats = base.features(dense, kjt)
+        plain = copy.deepcopy(head)
+        assert plain.deltas is not None
+        for d in plain.deltas:
+            d.zero_()
+        feats = {**base.features(dense, kjt), "ids": torch.stack(values, dim=1)}
     assert not torch.allclose(want["t3"], plain(feats))  # the offsets change the new task's logits
     _program_matches(serving, features, (dense, values, lengths), want)
     listed, list_features = _fresh_model(0)  # its backbone was not told that 'l' is a list feature
     with pytest.raises(ValueError, match=r"read each row's id .*single-valued features \['a', 'l'\], "
                                          r"but \['l'\] are list features"):
-        _serving(NewTaskModel(listed.backbone, {"t4": listed.backbone.new_task_head("t4", "mptrec_emb")}),
+        _serving(NewTaskModel(listed.backbone, {"t4": listed.backbone.new_task_head("t4", method)}),
                  list_features)
 
 
