@@ -32,7 +32,7 @@ torch.fx.wrap("grad_reverse")
 RESIDUAL_RANKS = {"mptrec_res": 8, "mptrec_emb": 1}
 #: width of the one-hidden-layer residual path e -> (D_in x m) + b -> ReLU -> (m x H) of ``mptrec_mlp``
 MLP_RESIDUAL_HIDDEN = {"mptrec_mlp": 32}
-#: hidden width of the Eq. 10 projection as a fraction of H (the paper's: 1/2)
+#: the Eq. 10 projection's hidden width is H // this (the paper's: 2, for the other methods)
 PROJECTION_DIVISOR = {"mptrec_mlp": 8}
 #: heads with their own zero-initialised per-id offsets of the frozen tables (``e' = e + delta``)
 DELTA_METHODS = ("mptrec_emb", "mptrec_mlp")
