@@ -108,7 +108,7 @@ def test_shipped_task_configs_load() -> None:
 def test_shipped_scenario_config_registers_on_aliccp_like_run(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     entry = register_task(run, REPO / "configs" / "tasks" / "aliccp_scenario.toml")
-    assert entry["name"] == "scenario" and entry["method"] == "mptrec_emb"
+    assert entry["name"] == "scenario" and entry["method"] == "mptrec_mlp"
     assert prompt_config(run, "scenario")[0].offset_max_rows == 10_000
     entry = register_task(run, REPO / "configs" / "tasks" / "aliccp_scenario_fw.toml")
     assert entry["method"] == "fw"
@@ -268,7 +268,7 @@ def test_id_reading_method_needs_a_single_valued_input(tmp_path: Path) -> None:
 def test_offset_max_rows_is_checked_at_registration_and_kept(tmp_path: Path) -> None:
     run = make_run(tmp_path / "r")  # single-valued inputs 205 (20 rows) and 206 (10 rows)
     with pytest.raises(RunDirError, match=r"offset_max_rows = 15 applies to the methods with per-id "
-                                          r"offsets \['mptrec_emb'\], not 'mptrec_res'"):
+                                          r"offsets \['mptrec_emb', 'mptrec_mlp'\], not 'mptrec_res'"):
         register_task(run, task_toml(tmp_path, method="mptrec_res", offset_max_rows=15))
     with pytest.raises(RunDirError, match=r"offset_max_rows = 5 leaves no table to offset \(rows of the "
                                           r"single-valued inputs: \{'205': 20, '206': 10\}\)"):
