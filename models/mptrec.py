@@ -391,16 +391,13 @@ class MPTRecNewTaskHead(NewTaskHead):
         self.prompt = nn.Parameter(torch.randn(hidden_dim))  # p^new, N(0, 1) (Eq. 13)
         self.projection: nn.Sequential | None = None
         self.residual: nn.Sequential | None = None
-        if method in RESIDUAL_RANKS:
-            rank = RESIDUAL_RANKS[method]
-            up = nn.Linear(rank, hidden_dim, bias=False)
-            nn.init.zeros_(up.weight)  # starts as the base method
-            self.residual = nn.Sequential(nn.Linear(input_dim, rank, bias=False), up)
-        elif method in MLP_RESIDUAL_HIDDEN:
-            width = MLP_RESIDUAL_HIDDEN[method]
+        width = RESIDUAL_RANKS.get(method) or MLP_RESIDUAL_HIDDEN.get(method)
+        if width:
             up = nn.Linear(width, hidden_dim, bias=False)
             nn.init.zeros_(up.weight)  # starts as the base method
-            self.residual = nn.Sequential(nn.Linear(input_dim, width), nn.ReLU(), up)
+            down: list[nn.Module] = ([nn.Linear(input_dim, width), nn.ReLU()] if method in MLP_RESIDUAL_HIDDEN
+                                     else [nn.Linear(input_dim, width, bias=False)])
+            self.residual = nn.Sequential(*down, up)
         self.deltas: nn.ParameterList | None = None
         if method in DELTA_METHODS:
             if id_tables is None:
@@ -427,7 +424,7 @@ class MPTRecNewTaskHead(NewTaskHead):
                 start += d
             self._segments: list[tuple[int, int, int, int]] = segments
             self._one_add: bool = cols == list(range(len(id_tables)))
-        if method in ("mptrec", "mptrec_res", "mptrec_emb", "mptrec_mlp"):  # Eq. 10
+        if method not in ("fw", "tes"):  # Eq. 10
             mid = max(hidden_dim // PROJECTION_DIVISOR.get(method, 2), 1)
             self.projection = nn.Sequential(
                 nn.Linear(input_dim, mid, bias=False),
