@@ -70,12 +70,14 @@ def use_bernoulli_dropout(model: nn.Module) -> int:
     return count
 
 
-def use_bool_masks(model: nn.Module) -> int:
+def use_bool_masks(model: nn.Module, attribute: str = "bool_mask") -> int:
     """Build every :class:`~mptrec.models.layers.MaskDropout`'s keep-mask with a bool comparison
-    (the default before 2026-12-03, the same values); returns how many."""
+    (the default before 2026-12-03, the same values), or with ``attribute="float_mask"`` in float32
+    and converted to the input's dtype (the default until 2026-12-03, the same values); returns
+    how many."""
     drops = [m for m in model.modules() if isinstance(m, MaskDropout)]
     for m in drops:
-        m.bool_mask = True
+        setattr(m, attribute, True)
     return len(drops)
 
 
@@ -105,7 +107,7 @@ class DenseVariant:
         bf16: bf16 autocast around the step.
         patch: ``compile`` (:func:`compile_dense_arch`), ``bernoulli_dropout``
             (:func:`use_bernoulli_dropout`), ``ddp`` (TorchRec's default DDP wrapping on one rank),
-            ``bool_mask`` (:func:`use_bool_masks`), ``l2_in_loss`` (:func:`l2_in_loss`).
+            ``bool_mask`` / ``float_mask`` (:func:`use_bool_masks`), ``l2_in_loss`` (:func:`l2_in_loss`).
     """
 
     name: str
@@ -143,6 +145,8 @@ def variants_for(s: Settings) -> list[DenseVariant]:
                      patch=("ddp",)),
         DenseVariant("keep-masks by bool comparison (the old masks; same values)", "diagnostic",
                      patch=("bool_mask",)),
+        DenseVariant("bf16 keep-masks built in float32 and converted (the old masks; same values)",
+                     "diagnostic", patch=("float_mask",)),
         DenseVariant("dense L2 through autograd (the old loss term; same update)", "diagnostic",
                      patch=("l2_in_loss",)),
         DenseVariant("non-pipelined stepper", "diagnostic", overrides=("train.pipelined=false",)),
@@ -164,6 +168,8 @@ def _build(s: Settings, schema: dict[str, Any], group: Any, v: DenseVariant) -> 
         info["dropouts_replaced"] = use_bernoulli_dropout(trainer.model)
     if "bool_mask" in v.patch:
         info["bool_masks"] = use_bool_masks(trainer.model)
+    if "float_mask" in v.patch:
+        info["float_masks"] = use_bool_masks(trainer.model, "float_mask")
     if "l2_in_loss" in v.patch:
         info["l2_matrices"] = l2_in_loss(trainer.model, trainer.optimizer)
     if "compile" in v.patch:

@@ -3,13 +3,16 @@
 Same data (the training split in memory, with the click, purchase and T3 = field 301 labels),
 same batch size and threads, epochs timed interleaved:
 
-* ``prompt_tune_cached``: ours as ``mptrec prompt-tune`` runs by default (``feature_cache_mib``):
+* ``prompt_tune_cached``: ours as ``mptrec prompt-tune`` runs by default (``feature_cache_mib``)
+  with the head of the shipped task config ``configs/tasks/aliccp_scenario.toml`` (its method,
+  lr, ``offset_max_rows`` and ``r_dnn``; ``prompt_tune_cached_paper_head``: the same with the
+  paper's head, ``mptrec`` at lr 1e-4, the headline until 2026-12-03):
   the frozen backbone runs once over the epoch's rows and the features are concatenated into
   the job's ``FeatureCache`` (timed as ``cache_fill_s``), then each epoch draws a fresh
   permutation and trains the head on the batches gathered from the cache, with the job's step
   (``head_step``). The headline fraction charges the fill, amortised over the job's default
   epoch count, to every epoch;
-* ``prompt_tune``: ours with the cache off: each epoch runs the frozen no-grad backbone
+* ``prompt_tune``: ours with the cache off (the shipped head): each epoch runs the frozen no-grad backbone
   (``NewTaskModel.backbone_features``, no old-task towers) + the head's step (the job's
   streamed path, when the features do not fit the cache);
 * ``full_retrain``: ours, stage 1 with the new task added (K+1 = 3 tasks, ``mptrec train``'s step);
@@ -42,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mptrec.bench.common import (
     NEW_TASK,
     PAPER,
+    REPO,
     Settings,
     load_batches,
     process_group,
@@ -63,7 +67,7 @@ from mptrec.data_loaders.layout import read_schema
 from mptrec.data_loaders.schema import FeatureSpec
 from mptrec.models import count_parameters
 from mptrec.pipeline.build import resolve_run_features
-from mptrec.pipeline.config import NewTaskSpec, RunConfig
+from mptrec.pipeline.config import NewTaskSpec, RunConfig, load_task_config
 from mptrec.pipeline.tasks.tuning_loop import FeatureCache
 
 MIB = 1024.0 * 1024.0
@@ -132,8 +136,22 @@ def _data(s: Settings, schema: dict[str, Any]) -> _Data:
     return _Data(cfg, full_cfg, features, batches)
 
 
+#: the new task's config the job ships (its head: method, lr, offsets, L2)
+TASK_CONFIG = REPO / "configs" / "tasks" / "aliccp_scenario.toml"
+
+
+def _tuner(d: _Data, s: Settings, schema: dict[str, Any], group: Any,
+           paper_head: bool = False) -> PromptTuner:
+    """The prompt tuner of the shipped task config's head, or of the paper's (``mptrec``, lr 1e-4)."""
+    if paper_head:
+        return build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
+    t = load_task_config(TASK_CONFIG)
+    return build_prompt_tuner(d.cfg, schema, group, seed=s.seed, method=t.method, lr=t.lr,
+                              offset_max_rows=t.offset_max_rows, r_dnn=t.r_dnn)
+
+
 def _prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
-    prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
+    prompt = _tuner(d, s, schema, group)
     b0 = d.batches[0]
     feats = prompt.features(b0)
 
@@ -178,8 +196,9 @@ def gather_ms(cache: FeatureCache, batch: int, repeats: int) -> dict[str, Stat]:
     return {k: Stat(v, "ms/batch") for k, v in times.items()}
 
 
-def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Way:
-    prompt = build_prompt_tuner(d.cfg, schema, group, seed=s.seed)
+def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any,
+                       paper_head: bool = False) -> _Way:
+    prompt = _tuner(d, s, schema, group, paper_head)
     fills: list[float] = []
     for _ in range(max(1, s.repeats)):  # the fill is timed like an epoch: once per repeat
         t0 = time.perf_counter()
@@ -253,6 +272,8 @@ def _paper_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any) -> _Wa
 
 WAYS: dict[str, Callable[[_Data, Settings, dict[str, Any], Any], _Way]] = {
     "prompt_tune_cached": _cached_prompt_way,
+    "prompt_tune_cached_paper_head": lambda d, s, schema, group: _cached_prompt_way(d, s, schema, group,
+                                                                                    paper_head=True),
     "prompt_tune": _prompt_way,
     "full_retrain": _full_way,
     "paper_prompt": _paper_way,
@@ -332,12 +353,15 @@ def new_task(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
     for name in WAYS:
         print(f"[bench] new task memory: {name} in a fresh process", file=sys.stderr)
         variants[name]["memory"] = memory_in_fresh_process(name, s)
-    pt, fr, pp, pc = (
-        epoch_s[k].values for k in ("prompt_tune", "full_retrain", "paper_prompt", "prompt_tune_cached")
+    pt, fr, pp, pc, ph = (
+        epoch_s[k].values for k in ("prompt_tune", "full_retrain", "paper_prompt", "prompt_tune_cached",
+                                    "prompt_tune_cached_paper_head")
     )
     fill = variants["prompt_tune_cached"]["cache_fill_s"].median
+    fill_paper = variants["prompt_tune_cached_paper_head"]["cache_fill_s"].median
     job_epochs = NewTaskSpec.__dataclass_fields__["epochs"].default
     return {
+        "head_method": load_task_config(TASK_CONFIG).method,
         "rows_per_epoch": rows,
         "batch_size": batch,
         "new_task": NEW_TASK.name,
@@ -345,6 +369,8 @@ def new_task(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
         "job_epochs": job_epochs,
         "time_fraction_of_full": Stat([(c + fill / job_epochs) / f for c, f in zip(pc, fr)], "fraction"),
         "time_fraction_of_full_cached_epoch": Stat([c / f for c, f in zip(pc, fr)], "fraction"),
+        "time_fraction_of_full_paper_head": Stat([(c + fill_paper / job_epochs) / f for c, f in zip(ph, fr)],
+                                                 "fraction"),
         "time_fraction_of_full_uncached": Stat([p / f for p, f in zip(pt, fr)], "fraction"),
         "paper_prompt_vs_ours": Stat([p / o for p, o in zip(pp, pt)], "x"),
     }

@@ -153,9 +153,15 @@ def build_prompt_tuner(
     method: str = "mptrec",
     lr: float = 1e-4,
     seed: int = 0,
+    offset_max_rows: int = 0,
+    r_dnn: float | None = None,
 ) -> PromptTuner:
-    """Frozen stage-1 backbone + a fresh new-task head, sharded without any table optimizer."""
-    heads = {NEW_TASK.name: HeadSpec(method, tuple(cfg.model.tower_hidden))}
+    """Frozen stage-1 backbone + a fresh new-task head, sharded without any table optimizer.
+
+    ``method`` / ``lr`` / ``offset_max_rows`` / ``r_dnn`` (None: the run's) are the task config's
+    keys of the same names.
+    """
+    heads = {NEW_TASK.name: HeadSpec(method, tuple(cfg.model.tower_hidden), offset_max_rows)}
     sharded, _ = shard_with_heads(cfg, schema, CPU, heads, seed=seed, batch_size=cfg.data.batch_size,
                                   group=group)
     inner = unwrap_dmp(sharded.dmp)
@@ -170,8 +176,8 @@ def build_prompt_tuner(
         model=inner,
         backbone=inner.backbone,
         head=inner_head,
-        optimizer=head_optimizer(inner_head, lr, cfg.model.r_dnn),  # as the job
-        r_dnn=cfg.model.r_dnn,
+        optimizer=head_optimizer(inner_head, lr, cfg.model.r_dnn if r_dnn is None else r_dnn),  # as the job
+        r_dnn=cfg.model.r_dnn if r_dnn is None else r_dnn,
         task=NEW_TASK.name,
     )
 

@@ -222,8 +222,11 @@ def _new_task(res: Mapping[str, Any]) -> list[str]:
     if sec is None or "error" in sec:
         return lines + _error(sec)
     names = {
-        "prompt_tune_cached": "prompt tuning (ours, the job's default: cached backbone features + head)",
-        "prompt_tune": "prompt tuning (ours, cache off: frozen no-grad backbone + head each epoch)",
+        "prompt_tune_cached": ("prompt tuning (ours, the job's default: cached backbone features + the "
+                               f"shipped task config's head, {sec.get('head_method', '?')})"),
+        "prompt_tune_cached_paper_head": "prompt tuning (ours, cached, the paper's head: mptrec, lr 1e-4)",
+        "prompt_tune": ("prompt tuning (ours, cache off: frozen no-grad backbone + the shipped head "
+                        "each epoch)"),
         "full_retrain": "full retraining with the new task (ours, 3 tasks)",
         "paper_prompt": "prompt tuning the paper's way (backbone out of the optimizer only)",
     }
@@ -267,6 +270,9 @@ def _new_task(res: Mapping[str, Any]) -> list[str]:
             f"({fmt(sec['time_fraction_of_full_cached_epoch'], 3)} without the fill); with the cache off "
             f"{fmt(sec['time_fraction_of_full_uncached'], 3)}"
         )
+        if "time_fraction_of_full_paper_head" in sec:
+            cached += (f"; with the paper's head instead of the shipped one, cached: "
+                       f"{fmt(sec['time_fraction_of_full_paper_head'], 3)}")
     else:
         frac = fmt(sec["time_fraction_of_full"], 3)
         cached = f"Prompt tuning takes {frac} of full retraining's time per epoch"

@@ -68,6 +68,13 @@ class MaskDropout(nn.Module):
         self.scale: float = 1.0 / (1.0 - self.p)
         #: build the keep-mask with a bool comparison (the masks before 2026-12-03; same values)
         self.bool_mask: bool = False
+        #: build a 16-bit input's keep-mask in float32 and convert it (until 2026-12-03; same values)
+        self.float_mask: bool = False
+        #: bf16 / fp16 bit pattern of ``scale`` (rounded as ``.to(dtype)`` rounds it)
+        self._patterns: dict[torch.dtype, int] = {
+            dt: int(torch.tensor(self.scale, dtype=torch.float32).to(dt).view(torch.int16))
+            for dt in (torch.bfloat16, torch.float16)
+        }
 
     def keep_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The multiplier for ``x``: ``scale`` where kept, else 0, in ``x``'s dtype (no gradient).
@@ -77,12 +84,22 @@ class MaskDropout(nn.Module):
         integers and the same values: on this CPU the ops with a bool output (``>=``, and its
         conversion) were the slow part of the mask. ``bool_mask`` keeps the comparison (the
         diagnostic "keep-masks by bool comparison" of ``mptrec bench --only dense``).
+
+        For a bf16 / fp16 ``x`` (stage 1 under autocast) the mask is built in the random words'
+        own int16 storage: ``clamp_(threshold - 1, threshold) - (threshold - 1)`` is the keep bit
+        (no overflow), times the bit pattern of ``scale`` in ``x``'s dtype, read as that dtype
+        (``view``: no conversion pass). The same values as converting the float32 mask, which
+        ``float_mask`` keeps (the diagnostic "keep-masks built in float32 and converted").
         """
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         bits = words.view(torch.int16)[:n].view(x.shape)
         if self.bool_mask:
             return (bits >= self.threshold).to(x.dtype).mul_(self.scale)
+        pattern = self._patterns.get(x.dtype)
+        t = self.threshold
+        if pattern is not None and not self.float_mask and -32767 <= t <= 32767:  # t - 1 and t in int16
+            return bits.clamp_(t - 1, t).sub_(t - 1).mul_(pattern).view(x.dtype)
         keep = bits.to(torch.float32).sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(self.scale)
         return keep.to(x.dtype)  # no copy in float32
 

@@ -325,7 +325,8 @@ class NewTaskSpec:
         tower_hidden: new tower sizes (None: the base model's towers).
         lr: Adam learning rate of the new parameters.
         epochs: maximum epochs.
-        patience: early-stopping patience on the new task's validation AUC.
+        patience: stop after this many consecutive epochs without a better validation AUC of
+            the new task (0: never; the best epoch's head is kept).
         batch_size: rows per batch (None: the base run's).
         seed: seed of the new parameters and shuffling.
         max_steps: stop after this many steps (0: no limit).

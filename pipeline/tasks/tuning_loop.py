@@ -328,14 +328,14 @@ def _validate(s: Stage2, valid: ShardDataset, cache: FeatureCache | None, num_wo
     return exact_auc(scores, labels)
 
 
-def _early_stop(s: Stage2, res: StageResult, record: dict[str, Any], auc: float | None, epoch: int) -> int:
-    """Keep the best head; returns 1 for an epoch without improvement, else 0."""
+def _early_stop(s: Stage2, res: StageResult, record: dict[str, Any], auc: float | None, epoch: int) -> bool:
+    """Keep the best head; returns whether this epoch improved on the best validation AUC."""
     record.update(split="valid", auc={s.cfg.name: auc})
     if auc is not None and (res.best_auc is None or auc > res.best_auc):
         res.best_auc, res.best_epoch = auc, epoch + 1
         res.best_state = copy.deepcopy(s.head.state_dict())
-        return 0
-    return 1
+        return True
+    return False
 
 
 def train_head(s: Stage2, *, num_workers: int = 0, progress: bool = True, logger: Any = None) -> StageResult:
@@ -371,7 +371,9 @@ def train_head(s: Stage2, *, num_workers: int = 0, progress: bool = True, logger
         if valid is not None:
             with res.clock.evaluation():
                 auc = _validate(s, valid, valid_cache, num_workers)
-            bad += _early_stop(s, res, record, auc, epoch)
+            # patience counts consecutive epochs without improvement (as stage 1 counts its
+            # validation points); until 2026-12-03 it counted every such epoch of the run
+            bad = 0 if _early_stop(s, res, record, auc, epoch) else bad + 1
         else:
             res.best_state = copy.deepcopy(s.head.state_dict())
         res.valid.append(record)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mptrec.models.layers import StackedMLP, grad_reverse, grl_alpha
+from mptrec.models.layers import MaskDropout, StackedMLP, grad_reverse, grl_alpha
 
 torch.set_num_threads(1)
 
@@ -70,9 +70,11 @@ def test_float_keep_masks_equal_the_bool_comparison_and_use_the_same_draws(bf16:
     mlp = StackedMLP(3, 16, (32, 8), last_activation=True, dropout=(0.1, 0.3))
     x = torch.randn(300, 16, requires_grad=True)
     got = []
-    for bool_mask in (False, True):
+    # the default masks (int16 bit patterns under bf16), float32 masks converted, bool comparison
+    for bool_mask, float_mask in ((False, False), (False, True), (True, False)):
         for d in mlp.dropouts:
             d.bool_mask = bool_mask  # type: ignore[assignment]
+            d.float_mask = float_mask  # type: ignore[assignment]
         mlp.zero_grad()
         x.grad = None
         torch.manual_seed(5)
@@ -80,8 +82,9 @@ def test_float_keep_masks_equal_the_bool_comparison_and_use_the_same_draws(bf16:
             y = mlp.forward_shared(x)
         y.float().pow(2).sum().backward()
         got.append([y.detach(), x.grad, *(p.grad for p in mlp.parameters()), torch.rand(3)])
-    for a, b in zip(*got):  # bit-identical, and the generator is left at the same state (last item)
-        assert a is not None and b is not None and torch.equal(a, b)
+    for other in got[1:]:  # bit-identical, and the generator is left at the same state (last item)
+        for a, b in zip(got[0], other):
+            assert a is not None and b is not None and torch.equal(a, b)
     assert got[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
     keep = mlp.dropouts[0].keep_scale(torch.empty(100_000))  # type: ignore[operator]
     assert keep.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
@@ -129,3 +132,20 @@ def test_constant_schedule_and_errors() -> None:
         grl_alpha("dann", 0, 0, 10, 4, 256)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         grl_alpha("dann", 0, 1, 0, 4, 256)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5, 1e-6, 0.99999])
+def test_sixteen_bit_keep_masks_are_the_converted_float32_masks(dtype: torch.dtype, p: float) -> None:
+    drop = MaskDropout(p)
+    x = torch.empty(50_000, dtype=dtype)
+    torch.manual_seed(3)
+    fast = drop.keep_scale(x)
+    drop.float_mask = True
+    torch.manual_seed(3)
+    slow = drop.keep_scale(x)
+    assert fast.dtype == slow.dtype == dtype
+    assert torch.equal(fast.view(torch.int16), slow.view(torch.int16))
+    if 0.01 < p < 0.9:  # the kept share and value
+        assert abs(float((fast == 0).float().mean()) - p) < 0.01
+        assert float(fast.max()) == float(torch.tensor(1 / (1 - p)).to(dtype))
