@@ -6,7 +6,9 @@ same batch size and threads, epochs timed interleaved:
 * ``prompt_tune_cached``: ours as ``mptrec prompt-tune`` runs by default (``feature_cache_mib``)
   with the head of the shipped task config ``configs/tasks/aliccp_scenario.toml`` (its method,
   lr, ``offset_max_rows`` and ``r_dnn``; ``prompt_tune_cached_paper_head``: the same with the
-  paper's head, ``mptrec`` at lr 1e-4, the headline until 2026-12-03):
+  paper's head, ``mptrec`` at lr 1e-4, the headline until 2026-12-03;
+  ``prompt_tune_cached_per_table_offsets``: the shipped head with one lookup per offset table,
+  the head's path until 2026-12-03, a diagnostic):
   the frozen backbone runs once over the epoch's rows and the features are concatenated into
   the job's ``FeatureCache`` (timed as ``cache_fill_s``), then each epoch draws a fresh
   permutation and trains the head on the batches gathered from the cache, with the job's step
@@ -197,8 +199,10 @@ def gather_ms(cache: FeatureCache, batch: int, repeats: int) -> dict[str, Stat]:
 
 
 def _cached_prompt_way(d: _Data, s: Settings, schema: dict[str, Any], group: Any,
-                       paper_head: bool = False) -> _Way:
+                       paper_head: bool = False, per_table_offsets: bool = False) -> _Way:
     prompt = _tuner(d, s, schema, group, paper_head)
+    if per_table_offsets:  # diagnostic: one lookup per offset table (the head's path until 2026-12-03)
+        prompt.head.fused_offsets = False  # type: ignore[assignment]
     fills: list[float] = []
     for _ in range(max(1, s.repeats)):  # the fill is timed like an epoch: once per repeat
         t0 = time.perf_counter()
@@ -274,6 +278,8 @@ WAYS: dict[str, Callable[[_Data, Settings, dict[str, Any], Any], _Way]] = {
     "prompt_tune_cached": _cached_prompt_way,
     "prompt_tune_cached_paper_head": lambda d, s, schema, group: _cached_prompt_way(d, s, schema, group,
                                                                                     paper_head=True),
+    "prompt_tune_cached_per_table_offsets": lambda d, s, schema, group: _cached_prompt_way(
+        d, s, schema, group, per_table_offsets=True),
     "prompt_tune": _prompt_way,
     "full_retrain": _full_way,
     "paper_prompt": _paper_way,
@@ -357,6 +363,7 @@ def new_task(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
         epoch_s[k].values for k in ("prompt_tune", "full_retrain", "paper_prompt", "prompt_tune_cached",
                                     "prompt_tune_cached_paper_head")
     )
+    per_table = epoch_s["prompt_tune_cached_per_table_offsets"].values
     fill = variants["prompt_tune_cached"]["cache_fill_s"].median
     fill_paper = variants["prompt_tune_cached_paper_head"]["cache_fill_s"].median
     job_epochs = NewTaskSpec.__dataclass_fields__["epochs"].default
@@ -369,6 +376,7 @@ def new_task(s: Settings, schema: dict[str, Any], group: Any) -> dict[str, Any]:
         "job_epochs": job_epochs,
         "time_fraction_of_full": Stat([(c + fill / job_epochs) / f for c, f in zip(pc, fr)], "fraction"),
         "time_fraction_of_full_cached_epoch": Stat([c / f for c, f in zip(pc, fr)], "fraction"),
+        "per_table_offsets_vs_fused": Stat([o / c for o, c in zip(per_table, pc)], "x"),
         "time_fraction_of_full_paper_head": Stat([(c + fill_paper / job_epochs) / f for c, f in zip(ph, fr)],
                                                  "fraction"),
         "time_fraction_of_full_uncached": Stat([p / f for p, f in zip(pt, fr)], "fraction"),

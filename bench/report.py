@@ -225,6 +225,9 @@ def _new_task(res: Mapping[str, Any]) -> list[str]:
         "prompt_tune_cached": ("prompt tuning (ours, the job's default: cached backbone features + the "
                                f"shipped task config's head, {sec.get('head_method', '?')})"),
         "prompt_tune_cached_paper_head": "prompt tuning (ours, cached, the paper's head: mptrec, lr 1e-4)",
+        "prompt_tune_cached_per_table_offsets": ("prompt tuning (ours, cached, the shipped head with one "
+                                                 "lookup per offset table: diagnostic, the path until "
+                                                 "2026-12-03)"),
         "prompt_tune": ("prompt tuning (ours, cache off: frozen no-grad backbone + the shipped head "
                         "each epoch)"),
         "full_retrain": "full retraining with the new task (ours, 3 tasks)",
@@ -270,6 +273,9 @@ def _new_task(res: Mapping[str, Any]) -> list[str]:
             f"({fmt(sec['time_fraction_of_full_cached_epoch'], 3)} without the fill); with the cache off "
             f"{fmt(sec['time_fraction_of_full_uncached'], 3)}"
         )
+        if "per_table_offsets_vs_fused" in sec:
+            cached += (f"; one lookup per offset table instead of the stacked lookup takes "
+                       f"{fmt(sec['per_table_offsets_vs_fused'], 2)}x the cached epoch")
         if "time_fraction_of_full_paper_head" in sec:
             cached += (f"; with the paper's head instead of the shipped one, cached: "
                        f"{fmt(sec['time_fraction_of_full_paper_head'], 3)}")

@@ -424,6 +424,15 @@ class MPTRecNewTaskHead(NewTaskHead):
                 start += d
             self._segments: list[tuple[int, int, int, int]] = segments
             self._one_add: bool = cols == list(range(len(id_tables)))
+            # one lookup for every offset table when they share a width (see shifted_input): the
+            # ids column, the first row in the tables stacked in order, e's columns of each block
+            shifted = [(n, d, c, a) for (n, d), (a, _, k, c) in zip(id_tables, segments) if k >= 0]
+            self.fused_offsets: bool = len({d for _, d, _, _ in shifted}) == 1
+            firsts = torch.tensor([0, *[n for n, _, _, _ in shifted]]).cumsum(0)[:-1]
+            self.register_buffer("_id_cols", torch.tensor([c for _, _, c, _ in shifted]), persistent=False)
+            self.register_buffer("_row_starts", firsts, persistent=False)
+            self.register_buffer("_e_cols", torch.tensor([a + j for _, d, _, a in shifted for j in range(d)]),
+                                 persistent=False)
         if method not in ("fw", "tes"):  # Eq. 10
             mid = max(hidden_dim // PROJECTION_DIVISOR.get(method, 2), 1)
             self.projection = nn.Sequential(
@@ -472,6 +481,12 @@ class MPTRecNewTaskHead(NewTaskHead):
     def shifted_input(self, e: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``mptrec_emb``: ``e' = e + delta``, the new task's offsets of each row's table rows.
 
+        When the offset tables share a width (:attr:`fused_offsets`, e.g. every Census and
+        Ali-CCP config), they are looked up as one stacked table and added into ``e``'s columns
+        with one ``index_add``: the same sums, and one embedding backward per step instead of one
+        per table (the largest op of a cached Ali-CCP step with 10 offset tables). Otherwise one
+        lookup per table.
+
         Args:
             e: (B, D_in), the frozen input vector.
             ids: (B, F) int64, each row's id of every single-valued sparse feature, in the order
@@ -481,6 +496,12 @@ class MPTRecNewTaskHead(NewTaskHead):
             (B, D_in).
         """
         assert self.deltas is not None
+        if self.fused_offsets:  # the offset tables stacked: one lookup, one add into e's columns
+            table = torch.cat(list(self.deltas)) if len(self.deltas) > 1 else self.deltas[0]
+            rows = (ids.index_select(1, self._id_cols) + self._row_starts).flatten()
+            # index_select, not F.embedding: its backward (index_add_ into zeros) gives the same
+            # sums, measured 2.2x faster than embedding_dense_backward here (20k ids, 13k rows)
+            return e.index_add(1, self._e_cols, table.index_select(0, rows).view(e.shape[0], -1))
         if self._one_add:  # every block shifted, ids column i for block i
             delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
             return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)

@@ -462,3 +462,39 @@ def test_offset_max_rows_keeps_the_offsets_to_small_single_valued_tables() -> No
     mmoe = tiny_model("mmoe")
     with pytest.raises(ValueError, match=r"offset_max_rows = 3: .* \[\], not 'mmoe\*'"):
         mmoe.new_task_head("t3", "mmoe*", offset_max_rows=3)
+
+
+@pytest.mark.parametrize("method", ["mptrec_emb", "mptrec_mlp"])
+@pytest.mark.parametrize("offset_columns", [None, [2, -1, 0]])
+def test_stacked_offset_lookup_equals_one_lookup_per_table(method: str,
+                                                           offset_columns: list[int] | None) -> None:
+    """The offsets looked up as one stacked table (the default when widths agree): the same e' and
+    the same gradients of every table, to the bit, as one lookup per table."""
+    from mptrec.models.mptrec import MPTRecNewTaskHead
+
+    torch.manual_seed(0)
+    tables = [(5, 4), (7, 4), (3, 4)]
+    head = MPTRecNewTaskHead("t", method, input_dim=2 + 12, hidden_dim=16, num_tasks=2, tower_hidden=(8,),
+                             tau=10.0, id_tables=tables, dense_dim=2, offset_columns=offset_columns)
+    assert head.fused_offsets and head.deltas is not None
+    with torch.no_grad():
+        for p in head.deltas:
+            p.normal_()
+    ids = torch.stack([torch.randint(0, n, (300,)) for n, _ in tables], 1)
+    if offset_columns is not None:  # table 0 reads ids column 2, table 2 column 0
+        ids = ids[:, [2, 1, 0]]
+    e, weights = torch.randn(300, 14), torch.randn(14)
+    got = []
+    for fused in (True, False):
+        head.fused_offsets = fused
+        head.zero_grad()
+        shifted = head.shifted_input(e, ids)
+        (shifted * weights).sum().backward()
+        got.append((shifted.detach(), [p.grad for p in head.deltas]))
+    assert torch.equal(got[0][0], got[1][0])
+    assert all(a is not None and b is not None and torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
+    # mixed widths: one lookup per table
+    mixed = MPTRecNewTaskHead("t", method, input_dim=2 + 10, hidden_dim=16, num_tasks=2, tower_hidden=(8,),
+                              tau=10.0, id_tables=[(5, 4), (7, 6)], dense_dim=2)
+    assert not mixed.fused_offsets
+    assert mixed.shifted_input(torch.zeros(3, 12), torch.zeros(3, 2, dtype=torch.int64)).shape == (3, 12)
