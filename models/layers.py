@@ -99,7 +99,8 @@ class MaskDropout(nn.Module):
         pattern = self._patterns.get(x.dtype)
         t = self.threshold
         if pattern is not None and not self.float_mask and -32767 <= t <= 32767:  # t - 1 and t in int16
-            return bits.clamp_(t - 1, t).sub_(t - 1).mul_(pattern).view(x.dtype)
+            # out of place first: in-place ops on the int64 words' int16 view break torch.compile
+            return bits.clamp(t - 1, t).sub_(t - 1).mul_(pattern).view(x.dtype)
         keep = bits.to(torch.float32).sub_(self.threshold - 1).clamp_(0.0, 1.0).mul_(self.scale)
         return keep.to(x.dtype)  # no copy in float32
 
