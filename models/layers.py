@@ -86,7 +86,7 @@ class MaskDropout(nn.Module):
         diagnostic "keep-masks by bool comparison" of ``mptrec bench --only dense``).
 
         For a bf16 / fp16 ``x`` (stage 1 under autocast) the mask is built in the random words'
-        own int16 storage: ``clamp_(threshold - 1, threshold) - (threshold - 1)`` is the keep bit
+        own int16 storage: ``clamp(bits, threshold - 1, threshold) - (threshold - 1)`` is the keep bit
         (no overflow), times the bit pattern of ``scale`` in ``x``'s dtype, read as that dtype
         (``view``: no conversion pass). The same values as converting the float32 mask, which
         ``float_mask`` keeps (the diagnostic "keep-masks built in float32 and converted").
