@@ -162,6 +162,7 @@ def build_prompt_tuner(
     keys of the same names.
     """
     heads = {NEW_TASK.name: HeadSpec(method, tuple(cfg.model.tower_hidden), offset_max_rows)}
+    l2 = cfg.model.r_dnn if r_dnn is None else r_dnn
     sharded, _ = shard_with_heads(cfg, schema, CPU, heads, seed=seed, batch_size=cfg.data.batch_size,
                                   group=group)
     inner = unwrap_dmp(sharded.dmp)
@@ -176,8 +177,8 @@ def build_prompt_tuner(
         model=inner,
         backbone=inner.backbone,
         head=inner_head,
-        optimizer=head_optimizer(inner_head, lr, cfg.model.r_dnn if r_dnn is None else r_dnn),  # as the job
-        r_dnn=cfg.model.r_dnn if r_dnn is None else r_dnn,
+        optimizer=head_optimizer(inner_head, lr, l2),  # as the job
+        r_dnn=l2,
         task=NEW_TASK.name,
     )
 

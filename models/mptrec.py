@@ -423,7 +423,6 @@ class MPTRecNewTaskHead(NewTaskHead):
                 k += c >= 0
                 start += d
             self._segments: list[tuple[int, int, int, int]] = segments
-            self._one_add: bool = cols == list(range(len(id_tables)))
             # one lookup for every offset table when they share a width (see shifted_input): the
             # ids column, the first row in the tables stacked in order, e's columns of each block
             shifted = [(n, d, c, a) for (n, d), (a, _, k, c) in zip(id_tables, segments) if k >= 0]
@@ -502,10 +501,7 @@ class MPTRecNewTaskHead(NewTaskHead):
             # index_select, not F.embedding: its backward (index_add_ into zeros) gives the same
             # sums, measured 2.2x faster than embedding_dense_backward here (20k ids, 13k rows)
             return e.index_add(1, self._e_cols, table.index_select(0, rows).view(e.shape[0], -1))
-        if self._one_add:  # every block shifted, ids column i for block i
-            delta = torch.cat([F.embedding(ids[:, i], table) for i, table in enumerate(self.deltas)], dim=1)
-            return torch.cat([e[:, : self.dense_dim], e[:, self.dense_dim:] + delta], dim=1)
-        parts = [e[:, : self.dense_dim]]
+        parts = [e[:, : self.dense_dim]]  # mixed widths: one lookup per table
         for a, b, k, c in self._segments:
             parts.append(e[:, a:b] if k < 0 else e[:, a:b] + F.embedding(ids[:, c], self.deltas[k]))
         return torch.cat(parts, dim=1)
